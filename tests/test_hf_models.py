@@ -1,0 +1,70 @@
+"""Model provisioning: SmolLM2 from the wheel's GGUF becomes a plain safetensors folder once, and later
+loads read that folder; local folders load as they are; unusable names fail with one clear line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (pytest fixtures)
+
+from agent_dpo.errors import AgentDpoError  # noqa: E402
+from agent_dpo_adapters import hf_models  # noqa: E402
+
+
+@pytest.mark.slow
+def test_smollm2_is_converted_once_and_then_read_from_safetensors(tmp_path, monkeypatch):
+    target = hf_models.resolve_model("smollm2-135m-instruct", tmp_path)
+    assert target == tmp_path / "models" / "smollm2-135m-instruct"
+    assert (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+    assert "quantization_config" not in (target / "config.json").read_text()
+    assert not list(target.parent.glob(".*tmp*")), "temp folder left behind"
+    weights_mtime = (target / "model.safetensors").stat().st_mtime_ns
+
+    # The second resolve must not go near the GGUF: make finding it fail loudly.
+    def no_gguf():
+        raise AssertionError("GGUF touched after provisioning")
+    monkeypatch.setattr(hf_models, "smollm2_gguf_path", no_gguf)
+    assert hf_models.resolve_model("SmolLM2-135M-Instruct", tmp_path) == target
+    model = hf_models.load_model("smollm2-135m-instruct", tmp_path)
+    assert (target / "model.safetensors").stat().st_mtime_ns == weights_mtime
+    assert getattr(model, "hf_quantizer", None) is None
+    assert model.config.num_hidden_layers == 30
+    assert next(model.parameters()).dtype.is_floating_point
+
+
+def test_converted_model_generates_sensible_text(smollm2_store):
+    import torch
+
+    tokenizer = hf_models.load_tokenizer("smollm2-135m-instruct", smollm2_store)
+    model = hf_models.load_model("smollm2-135m-instruct", smollm2_store)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_local_safetensors_folder_loads_as_is(tiny_model_dir, tmp_path):
+    assert hf_models.resolve_model(tiny_model_dir, tmp_path) == tiny_model_dir
+    model = hf_models.load_model(str(tiny_model_dir), tmp_path)
+    assert model.config.hidden_size == 64
+    tokenizer = hf_models.load_tokenizer(tiny_model_dir, tmp_path)
+    assert tokenizer.pad_token != tokenizer.eos_token
+
+
+def test_folder_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AgentDpoError, match="safetensors"):
+        hf_models.resolve_model(tmp_path / "m", tmp_path)
+
+
+def test_unusable_name_is_one_clear_error(tmp_path):
+    with pytest.raises(AgentDpoError, match="neither"):
+        hf_models.resolve_model("not a model", tmp_path)
