@@ -51,4 +51,6 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
 
 
 def get_logger(**bound: Any) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger().bind(**bound)
+    # A lazy proxy: a module-level logger made at import still follows configure_logging() called
+    # later (an eager .bind() would freeze structlog's defaults, which print to stdout).
+    return structlog.get_logger(**bound)
