@@ -354,7 +354,8 @@ def _check_method(method: Any) -> None:
         if value == "auto":
             continue
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and (kind_of is float or isinstance(value, int)) and low < value <= high)
+              and (kind_of is float or isinstance(value, int))
+              and (low <= value if kind_of is int else low < value) and value <= high)
         if not ok:
             raise ApiError(400, f"Invalid value for {name}: {value!r}",
                            param=f"method.{kind}.hyperparameters.{name}")
