@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class OpenAISettings:
     poll_max_s: float = 60.0
     timeout_s: float | None = None  # stop following (the job keeps running) after this long
     max_retries: int = 2  # the SDK's own retries of transient HTTP failures
+    poll_failures: int = 8  # consecutive failed polls (after those retries) before giving up
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "OpenAISettings":
@@ -193,6 +195,12 @@ def _status_message(exc: openai.APIStatusError) -> str:
     return exc.message
 
 
+def _transient(exc: openai.OpenAIError) -> bool:
+    if isinstance(exc, (openai.APIConnectionError, openai.RateLimitError)):
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
+
+
 def _api_error(action: str, exc: openai.OpenAIError) -> AgentDpoError:
     if isinstance(exc, openai.APIStatusError):
         return AgentDpoError(f"openai {action} refused ({exc.status_code}): {_status_message(exc)}")
@@ -217,13 +225,22 @@ class _Follower:
         self.steps = 0
 
     def run(self, job_id: str) -> Any:
-        delay, started, status = self.settings.poll_s, time.monotonic(), None
+        delay, started, status, failures = self.settings.poll_s, time.monotonic(), None, 0
         while True:
             try:
                 job = self.client.fine_tuning.jobs.retrieve(job_id)
                 events = list(self._new_events(job_id))
             except openai.OpenAIError as exc:
-                raise _api_error(f"polling of job {job_id}", exc) from None
+                # A job runs for hours; an API hiccup (beyond the SDK's own retries) must not
+                # orphan it. Keep polling through a few, give up on anything else.
+                failures += 1
+                if not _transient(exc) or failures > self.settings.poll_failures:
+                    raise _api_error(f"polling of job {job_id}", exc) from None
+                self.log.warning("openai_poll_failed", job_id=job_id, error=str(exc), failures=failures)
+                delay = min(delay * 2, self.settings.poll_max_s)
+                self.sleep(delay)
+                continue
+            failures = 0
             changed = bool(events) or job.status != status
             for event in events:
                 self._emit(job_id, event)
@@ -279,7 +296,7 @@ class _Follower:
 def _metric_row(phase: str, data: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"phase": phase}
     for key, value in data.items():
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             row[key] = value
     # The project's plots and progress bar read `loss`; OpenAI calls it train_loss.
     if "loss" not in row and isinstance(row.get("train_loss"), (int, float)):
@@ -418,7 +435,8 @@ class OpenAIBackend:
                   "base_model": base_model, "fine_tuned_model": dpo_job.fine_tuned_model,
                   "trained_tokens": sum(j.trained_tokens or 0 for j, _ in phases), "rows": len(rows)}
         (output_dir / "openai_job.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-        plot_file = _plot(metrics_file, output_dir / "metrics.png")
+        plot_file = _plot(metrics_file, output_dir / "metrics.png",
+                          title=f"{job.tenant_id}/{job.agent_id} {version} (openai {dpo_job.id})")
         return _train_result(
             version=version, method="dpo", backend="openai", base_model=base_model,
             artifact_dir=None, artifact_digest=None, serve_name=dpo_job.fine_tuned_model,
@@ -471,29 +489,13 @@ def _replace_phase_metrics(metrics_file: Path, phase: str, rows: list[dict[str, 
                             + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def _plot(metrics_file: Path, plot_file: Path) -> Path | None:
-    """Loss per step and phase to PNG; None when there is nothing to draw or no matplotlib."""
-    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line]
-    rows = [r for r in rows if isinstance(r.get("loss"), (int, float))]
-    if not rows:
-        return None
-    try:
-        import matplotlib
+def _plot(metrics_file: Path, plot_file: Path, title: str) -> Path | None:
+    from agent_dpo.training.metrics import plot_metrics
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        return plot_metrics(metrics_file, plot_file, title=title)
+    except ImportError:  # matplotlib is optional; the JSONL is the record
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for phase in dict.fromkeys(r["phase"] for r in rows):
-        points = [(r["step"], r["loss"]) for r in rows if r["phase"] == phase]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{phase} loss")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(plot_file)
-    plt.close(fig)
-    return plot_file
 
 
 def _train_result(**values: Any) -> Any:

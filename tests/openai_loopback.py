@@ -69,6 +69,7 @@ class LoopbackOpenAI:
         self.chat_replies: deque[str] = deque()
         self.chat_reply: Callable[[dict[str, Any]], str] | None = None
         self.on_status: Callable[[str, str], None] | None = None  # (job_id, status) as a retrieve reports it
+        self.fail_retrieves: deque[int] = deque()  # HTTP statuses the next job retrieves answer with
         self._plan_of: dict[str, deque[str]] = {}
         self._events: dict[str, list[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
@@ -282,6 +283,8 @@ class LoopbackOpenAI:
     def _retrieve_job(self, _body: Any, _query: Any, job_id: str) -> tuple[int, Any]:
         if job_id not in self.jobs:
             raise ApiError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+        if self.fail_retrieves:
+            raise ApiError(self.fail_retrieves.popleft(), "The server had an error processing your request")
         self._advance(job_id)
         if self.on_status:
             self.on_status(job_id, self.jobs[job_id]["status"])

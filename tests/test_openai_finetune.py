@@ -19,7 +19,7 @@ from openai_loopback import JobPlan, LoopbackOpenAI  # noqa: E402
 from agent_dpo.errors import AgentDpoError  # noqa: E402
 from agent_dpo.training.backend import TrainJob, TrainResult, get_backend  # noqa: E402
 from agent_dpo.training.config import TrainConfig  # noqa: E402
-from agent_dpo_adapters.openai_finetune import OpenAIBackend, cancel  # noqa: E402
+from agent_dpo_adapters.openai_finetune import OpenAIBackend, OpenAISettings, cancel  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {
     "name": "book_slot", "description": "Book a slot",
@@ -217,3 +217,18 @@ def test_missing_credentials_and_kto_are_clear_errors(api, tmp_path, monkeypatch
         OpenAIBackend().train(make_job(tmp_path, method="kto"), lambda _: None)
     with pytest.raises(AgentDpoError, match="set openai_model"):
         OpenAIBackend().train(make_job(tmp_path, openai_model=None), lambda _: None)
+
+
+def test_polling_rides_out_api_hiccups_but_not_refusals(api, tmp_path):
+    settings = OpenAISettings(poll_s=0.001, poll_max_s=0.005, max_retries=0, poll_failures=3)
+    api.fail_retrieves.extend([503, 500, 503])
+    with structlog.testing.capture_logs() as logs:
+        result = OpenAIBackend(settings=settings).train(make_job(tmp_path), lambda _: None)
+    assert result.serve_name.startswith("ft:")
+    assert [e["failures"] for e in logs if e["event"] == "openai_poll_failed"] == [1, 2, 3]
+    api.fail_retrieves.extend([503, 503, 503, 503])
+    with pytest.raises(AgentDpoError, match=r"polling of job .* refused \(503\)"):
+        OpenAIBackend(settings=settings).train(make_job(tmp_path), lambda _: None)
+    api.fail_retrieves.append(404)
+    with pytest.raises(AgentDpoError, match=r"polling of job .* refused \(404\)"):
+        OpenAIBackend(settings=settings).train(make_job(tmp_path), lambda _: None)
