@@ -10,11 +10,14 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import jsonschema.exceptions
 import jsonschema_rs
+
+if TYPE_CHECKING:
+    from agent_dpo.store import EventStore
 
 CODES = ("invalid_json", "not_an_object", "unknown_tool", "schema_violation", "invalid_schema")
 _MAX_REASON = 300  # reasons end up in logs and status tables; instance values can be huge
@@ -23,11 +26,53 @@ _MAX_REASON = 300  # reasons end up in logs and status tables; instance values c
 @dataclass(frozen=True)
 class ToolCallVerdict:
     ok: bool
-    code: str | None  # None when ok; else one of CODES
-    reason: str | None  # human reason, with the JSON pointer of the offending value
+    code: str | None = None  # None when ok; else one of CODES
+    reason: str | None = None  # human reason, with the JSON pointer of the offending value
     # A value-free key for aggregation ("/date pattern"): reasons quote argument values (which
     # may hold personal data and make every failure unique), so stats count this instead.
     rule: str | None = field(default=None, compare=False)
+
+    def __reduce__(self) -> tuple:
+        # Pickle (and copy) the resolved values, never a pending explanation.
+        return (ToolCallVerdict, (self.ok, self.code, self.reason, self.rule))
+
+
+class _Deferred:
+    """`reason` and `rule` of a verdict may hold an `_Explain`, resolved on first read.
+    Explaining a schema violation costs ten to a hundred times the check itself, and most
+    callers (pairing asks "is this call valid?") never read the reason."""
+
+    def __init__(self, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return None
+        value = obj.__dict__[self.slot]
+        if type(value) is _Explain:
+            value.resolve(obj)
+            value = obj.__dict__[self.slot]
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
+# Installed after @dataclass built __init__/__eq__/__repr__, which all go through these.
+ToolCallVerdict.reason = _Deferred("reason")  # type: ignore[assignment]
+ToolCallVerdict.rule = _Deferred("rule")  # type: ignore[assignment]
+
+
+class _Explain:
+    """The pending explanation of one schema violation: the compiled schema and the instance."""
+
+    __slots__ = ("compiled", "instance")
+
+    def __init__(self, compiled: _Compiled, instance: Any) -> None:
+        self.compiled, self.instance = compiled, instance
+
+    def resolve(self, verdict: ToolCallVerdict) -> None:
+        verdict.__dict__["_reason"], verdict.__dict__["_rule"] = self.compiled.explain(self.instance)
 
 
 OK = ToolCallVerdict(True, None, None)
@@ -190,8 +235,8 @@ class ToolChecker:
             return OK
         if compiled.error is not None:
             return ToolCallVerdict(False, "invalid_schema", compiled.error, "(root) invalid_schema")
-        reason, rule = compiled.explain(value)
-        return ToolCallVerdict(False, "schema_violation", reason, rule)
+        pending = _Explain(compiled, value)
+        return ToolCallVerdict(False, "schema_violation", pending, pending)
 
     def stats(self) -> dict[str, int]:
         return {"validators": len(self._by_digest), "compiles": self.compiles,
@@ -268,6 +313,22 @@ class ToolStats:
              "by_code": dict(tally.by_code), "top_reasons": tally.by_rule.most_common(top)}
             for (t, a, name), tally in sorted(self._tally.items())
         ]
+
+
+def store_tool_stats(store: EventStore, agents: Iterable[tuple[str, str]] | None = None,
+                     checker: ToolChecker | None = None) -> ToolStats:
+    """Check every recorded tool call of the given agents (default: all in the store). Calls whose
+    `call.started` has not arrived are skipped: what they offered is not known yet."""
+    checker = checker or _SHARED
+    stats = ToolStats()
+    for tenant_id, agent_id in agents if agents is not None else store.agents():
+        for call in store.calls(tenant_id, agent_id):
+            if call.started is None or not call.tool_calls:
+                continue
+            tools = call.tools  # built once per call: each access makes a new list
+            for tc in call.tool_calls:
+                stats.add(tenant_id, agent_id, tc.name, checker.check(tools, tc.name, tc.arguments))
+    return stats
 
 
 def tool_call_stats(calls: Iterable[tuple[str, str, list[dict], str, str]],

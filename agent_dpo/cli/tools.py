@@ -1,11 +1,15 @@
 """`agent-dpo tools check PATH...`: lint tool definitions (files or folders of JSON) before an
-agent offers them; exit 1 when any definition is invalid, `--json` for scripts."""
+agent offers them; exit 1 when any definition is invalid, `--json` for scripts.
+`agent-dpo tools stats`: how the recorded tool calls in the store fare, per agent and tool."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from agent_dpo.cli.common import add_store_option, parse_agent, store_dir
+from agent_dpo.errors import AgentDpoError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +26,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--json", action="store_true", help="print findings and a summary as one JSON object")
     check.set_defaults(func=run_check)
 
+    stats = verbs.add_parser(
+        "stats", help="recorded tool calls per agent and tool: calls, failures, top failure reasons",
+        description="Checks every tool call in the store against the tools its call offered.")
+    add_store_option(stats)
+    stats.add_argument("--agent", type=parse_agent, action="append", metavar="TENANT/AGENT",
+                       help="only this agent (repeatable; default every agent in the store)")
+    stats.add_argument("--top", type=int, default=3, help="failure reasons to list per tool (default 3)")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.set_defaults(func=run_stats)
+
 
 def run_check(args: argparse.Namespace) -> int:
     from agent_dpo.toollint import lint_paths
@@ -36,6 +50,38 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"checked {report.tools} tools in {report.files} files: "
               f"{report.errors} errors, {report.warnings} warnings")
     return 0 if report.ok else 1
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from agent_dpo.toolcheck import store_tool_stats
+    from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
+
+    path = store_dir(args)
+    if not (path / STORE_FILE).exists():
+        raise AgentDpoError(f"no store at {path} (run `agent-dpo ingest --store {path}` first)")
+    with SqliteStore(path) as store:
+        rows = store_tool_stats(store, args.agent).rows(top=args.top)
+    if args.json:
+        print(json.dumps({"store": str(path), "tools": rows}, indent=2))
+    elif not rows:
+        print("no recorded tool calls")
+    else:
+        print(render_stats(rows))
+    return 0
+
+
+def render_stats(rows: list[dict]) -> str:
+    header = ("tenant", "agent", "tool", "calls", "failures", "rate", "top failure reasons")
+    table = [header] + [
+        (r["tenant_id"], r["agent_id"], r["tool"], r["calls"], r["failures"], f"{r['failure_rate']:.1%}",
+         "; ".join(f"{reason} ({n})" for reason, n in r["top_reasons"]) or "-") for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+
+    def line(row: tuple) -> str:
+        cells = [str(v).rjust(w) if 3 <= i <= 5 else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths))]
+        return "  ".join([*cells, str(row[-1])])
+
+    return "\n".join(line(r) for r in table)
 
 
 run = run_check
