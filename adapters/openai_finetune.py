@@ -11,9 +11,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import openai
 
@@ -45,14 +46,14 @@ class OpenAISettings:
     poll_failures: int = 8  # consecutive failed polls (after those retries) before giving up
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "OpenAISettings":
+    def from_env(cls, **overrides: Any) -> OpenAISettings:
         """For verbs with no training config (`train cancel`): Azure when AZURE_OPENAI_ENDPOINT is set."""
         provider = os.environ.get("AGENT_DPO_OPENAI_PROVIDER") or (
             "azure" if os.environ.get("AZURE_OPENAI_ENDPOINT") else "openai")
         return dataclasses.replace(cls(provider=provider), **overrides)
 
     @classmethod
-    def from_config(cls, config: Any) -> "OpenAISettings":
+    def from_config(cls, config: Any) -> OpenAISettings:
         """Read the `openai_*` / `azure_*` fields of a TrainConfig; absent fields keep defaults."""
         def pick(*names: str) -> Any:
             return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)

@@ -9,10 +9,10 @@ import re
 from typing import Any, Literal
 
 import openai
+from agent_dpo_adapters.openai_finetune import OpenAISettings, make_client
 
 from agent_dpo.errors import AgentDpoError
 from agent_dpo.logs import get_logger
-from agent_dpo_adapters.openai_finetune import OpenAISettings, make_client
 
 Verdict = Literal["a", "b", "tie"]
 
@@ -31,7 +31,7 @@ Ignore which reply comes first and do not prefer a reply for being longer. Answe
 neither reply is better on any criterion.
 Reply with one JSON object and nothing else: {"reason": "<one sentence>", "verdict": "A" | "B" | "tie"}"""
 
-_VERDICT = re.compile(r'"verdict"\s*:\s*"\s*(a|b|tie)\s*"', re.I)
+_VERDICT = re.compile(r'"verdict"\s*:\s*"\s*(a|b|tie)\s*"', re.IGNORECASE)
 
 
 def render_message(message: dict[str, Any]) -> str:
@@ -77,7 +77,7 @@ def parse_verdict(text: str | None) -> Verdict | None:
     """"a", "b" or "tie" from the judge's reply; None when it gave no readable verdict."""
     if not text:
         return None
-    match = re.search(r"\{.*\}", text, re.S)
+    match = re.search(r"\{.*\}", text, re.DOTALL)
     if match:
         try:
             verdict = json.loads(match.group(0)).get("verdict")

@@ -12,9 +12,10 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from agent_dpo.schemas import openai_row_errors
@@ -79,7 +80,7 @@ class LoopbackOpenAI:
 
     # lifecycle -------------------------------------------------------------------------------
 
-    def __enter__(self) -> "LoopbackOpenAI":
+    def __enter__(self) -> Self:
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -175,7 +176,7 @@ class LoopbackOpenAI:
             raise ApiError(400, "expected a JSON object")
         unknown = set(body) - JOB_KEYS
         if unknown:
-            raise ApiError(400, f"Unrecognized request argument supplied: {sorted(unknown)[0]}")
+            raise ApiError(400, f"Unrecognized request argument supplied: {min(unknown)}")
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise ApiError(400, "model is required", param="model")
         training_file = body.get("training_file")

@@ -14,12 +14,12 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).parent))  # the loopback helper sits beside this file
 
-from openai_loopback import JobPlan, LoopbackOpenAI  # noqa: E402
+from agent_dpo_adapters.openai_finetune import OpenAIBackend, OpenAISettings, cancel
+from openai_loopback import JobPlan, LoopbackOpenAI
 
-from agent_dpo.errors import AgentDpoError  # noqa: E402
-from agent_dpo.training.backend import TrainJob, TrainResult, get_backend  # noqa: E402
-from agent_dpo.training.config import TrainConfig  # noqa: E402
-from agent_dpo_adapters.openai_finetune import OpenAIBackend, OpenAISettings, cancel  # noqa: E402
+from agent_dpo.errors import AgentDpoError
+from agent_dpo.training.backend import TrainJob, TrainResult, get_backend
+from agent_dpo.training.config import TrainConfig
 
 TOOLS = [{"type": "function", "function": {
     "name": "book_slot", "description": "Book a slot",

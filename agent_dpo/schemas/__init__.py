@@ -5,10 +5,11 @@ checked against it before they leave, and the loopback API in the tests enforces
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jsonschema
 
