@@ -47,5 +47,6 @@ class EchoBackend:
 
 
 def manifest(version: str, tenant: str = "acme", agent: str = "rebook", **kw) -> VersionManifest:
-    return VersionManifest(tenant_id=tenant, agent_id=agent, version=version, base_model="smollm2-135m-instruct",
-                           serve_name=f"{agent}--{version}", method="dpo", **kw)
+    kw.setdefault("base_model", "smollm2-135m-instruct")
+    return VersionManifest(tenant_id=tenant, agent_id=agent, version=version, serve_name=f"{agent}--{version}",
+                           method="dpo", **kw)

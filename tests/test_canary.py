@@ -26,7 +26,11 @@ from agent_dpo.registry import promote, start_canary, new_doc
 from agent_dpo.router import Router
 from agent_dpo_adapters.nats_registry import NatsRegistry
 
-from tests.serving_fixtures import manifest
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving_fixtures import manifest  # noqa: E402
 
 GOOD_EVAL = {"version": "v2", "baseline": "v1", "n": 60, "preference_accuracy": 0.93, "win_rate": 0.8,
              "win_rate_ci": [0.7, 0.88], "tool_call_validity": 0.97, "baseline_tool_call_validity": 0.95}

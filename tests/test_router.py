@@ -21,7 +21,11 @@ from agent_dpo.registry import ModelRef, advance_canary, call_bucket, promote, r
 from agent_dpo.router import Router, stamp_call_started
 from agent_dpo_adapters.nats_registry import NatsRegistry
 
-from tests.serving_fixtures import EchoBackend, manifest
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving_fixtures import EchoBackend, manifest  # noqa: E402
 
 
 @pytest.fixture
