@@ -63,14 +63,20 @@ def render_tools(tools: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def judge_messages(prompt: list[dict[str, Any]], tools: list[dict[str, Any]], a: dict[str, Any],
-                   b: dict[str, Any]) -> list[dict[str, str]]:
+def judge_messages(prompt: list[dict[str, Any]], tools: list[dict[str, Any]], a: dict[str, Any] | str,
+                   b: dict[str, Any] | str) -> list[dict[str, str]]:
+    a, b = (_as_message(x) for x in (a, b))
     conversation = "\n".join(render_message(m) for m in prompt)
     user = (f"Tools offered to the agent:\n{render_tools(tools)}\n\n"
             f"Conversation so far:\n{conversation}\n\n"
             f"Reply A:\n{render_message(a)}\n\nReply B:\n{render_message(b)}\n\n"
             "Which reply is better? Answer with the JSON object only.")
     return [{"role": "system", "content": RUBRIC}, {"role": "user", "content": user}]
+
+
+def _as_message(answer: dict[str, Any] | str) -> dict[str, Any]:
+    # Eval may hand over raw generated text instead of a parsed Message.
+    return {"role": "assistant", "content": answer} if isinstance(answer, str) else answer
 
 
 def parse_verdict(text: str | None) -> Verdict | None:
@@ -108,8 +114,18 @@ class OpenAIJudge:
                                                             api_version=api_version))
         self._log = get_logger(judge=self.name)
 
-    def compare(self, prompt: list[dict[str, Any]], tools: list[dict[str, Any]], a: dict[str, Any],
-                b: dict[str, Any]) -> Verdict:
+    @classmethod
+    def from_spec(cls, spec: str, **options: Any) -> OpenAIJudge:
+        """`openai:<model>` (OPENAI_BASE_URL picks the endpoint) or `azure:<deployment>` (endpoint and
+        api-version from AZURE_OPENAI_ENDPOINT and OPENAI_API_VERSION), as eval's --judge takes it."""
+        provider, _, model = spec.partition(":")
+        if provider not in ("openai", "azure") or not model:
+            raise AgentDpoError(f"judge {spec!r} is not openai:<model> or azure:<deployment>")
+        return cls(model, provider=provider, **options)
+
+    def compare(self, prompt: list[dict[str, Any]], tools: list[dict[str, Any]], a: dict[str, Any] | str,
+                b: dict[str, Any] | str) -> Verdict:
+        """"a", "b" or "tie" for two answers (Messages or plain text) to the same context."""
         messages = judge_messages(prompt, tools or [], a, b)
         request: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
                                    "max_tokens": self.max_tokens}

@@ -74,6 +74,7 @@ def test_swapping_positions_swaps_the_verdict(api):
     judge = OpenAIJudge("judge-model", base_url=api.base_url)
     assert judge.compare(PROMPT, TOOLS, GOOD, PUSHY) == "a"
     assert judge.compare(PROMPT, TOOLS, PUSHY, GOOD) == "b"
+    assert judge.compare(PROMPT, TOOLS, PUSHY["content"], GOOD["content"]) == "b"  # raw generated text
 
 
 def test_unreadable_verdict_is_retried_then_counted_as_tie(api):
@@ -95,6 +96,16 @@ def test_azure_deployment_as_judge(api, monkeypatch):
     (request,) = api.calls("POST", "/deployments/judge-deployment/chat/completions")
     assert request.query["api-version"] == ["2025-04-01-preview"]
     assert request.headers["api-key"] == "azure-loopback-key"
+
+
+def test_judge_from_spec(api, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", api.base_url)
+    api.chat_replies.append('{"verdict": "B"}')
+    judge = OpenAIJudge.from_spec("openai:gpt-4.1-mini")
+    assert judge.name == "openai:gpt-4.1-mini"
+    assert judge.compare(PROMPT, TOOLS, PUSHY, GOOD) == "b"
+    with pytest.raises(AgentDpoError, match="not openai:<model> or azure:<deployment>"):
+        OpenAIJudge.from_spec("gpt-4.1-mini")
 
 
 def test_api_errors_are_one_line(api, monkeypatch):
