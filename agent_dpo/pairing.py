@@ -136,7 +136,7 @@ class Examples:
     events: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
-    raters: Counter = field(default_factory=Counter)  # "thumbs:caller" -> feedback events seen
+    raters: Counter = field(default_factory=Counter)  # "thumbs:caller" -> feedback events of complete calls
 
     def drop_counts(self) -> Counter:
         return Counter(d.reason for d in self.drops)
@@ -423,9 +423,6 @@ def build_examples(calls: Iterable[Call], tenant_id: str, agent_id: str,
         if call.first_seq is not None:
             out.first_seq = call.first_seq if out.first_seq is None else min(out.first_seq, call.first_seq)
             out.last_seq = call.last_seq if out.last_seq is None else max(out.last_seq, call.last_seq)
-        for fb in call.feedback:
-            rater = fb.data.source if fb.kind == "csat" else fb.data.rater
-            out.raters[f"{fb.kind}:{rater}"] += 1
         if (call.tenant_id, call.agent_id) != (tenant_id, agent_id):
             # Stores filter by agent already; this guards the rule against a store that does not.
             out.drops.append(Drop("foreign_agent", "call", call.call_id, None,
@@ -438,6 +435,9 @@ def build_examples(calls: Iterable[Call], tenant_id: str, agent_id: str,
             out.drops.append(Drop("call_started_missing", "call", call.call_id))
             continue
         out.calls_complete += 1
+        for fb in call.feedback:
+            rater = fb.data.source if fb.kind == "csat" else fb.data.rater
+            out.raters[f"{fb.kind}:{rater}"] += 1
         side = side_of(call)
         out.calls_by_side[side] += 1
         view = _CallView(call, checker)
