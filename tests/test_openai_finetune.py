@@ -232,3 +232,36 @@ def test_polling_rides_out_api_hiccups_but_not_refusals(api, tmp_path):
     api.fail_retrieves.append(404)
     with pytest.raises(AgentDpoError, match=r"polling of job .* refused \(404\)"):
         OpenAIBackend(settings=settings).train(make_job(tmp_path), lambda _: None)
+
+
+def test_a_real_export_goes_up_redacted_and_unchanged_but_for_meta(api, tmp_path):
+    from pairing_fixtures import BOOK_OK, CallBuilder, args, assistant
+
+    from agent_dpo.export import export_calls
+
+    calls = []
+    for i in range(4):
+        b = CallBuilder(call_id=f"call-{i}").basic()
+        b.preference(3, assistant(f"Booked for Tuesday at 2pm ({i}).", ("book_slot", args(BOOK_OK))),
+                     assistant("Tuesday is taken. Want our premium colour instead?"))
+        calls.append(b.ended().call())
+    for redact in (True, False):
+        out = tmp_path / f"redact-{redact}" / "pairs.openai.jsonl"
+        out.parent.mkdir()
+        summary = export_calls(calls, "acme-salons", "salon-rebook", "openai-dpo", out, split="all", redact=redact)
+        meta = json.loads(summary.meta_path.read_text())
+        job = make_job(tmp_path / f"redact-{redact}", meta=meta)
+        job.openai_file = out
+        if not redact:
+            with pytest.raises(AgentDpoError, match="unredacted"):
+                OpenAIBackend().train(job, lambda _: None)
+            continue
+        OpenAIBackend().train(job, lambda _: None)
+        exported = [json.loads(line) for line in out.read_text().splitlines()]
+        (file_id,) = [f for f, v in api.files.items() if v["purpose"] == "fine-tune"]
+        assert api.uploaded_rows(file_id) == [without_meta(r) for r in exported]
+        # the caller's details in the booking arguments left masked (the tool schemas are not user data)
+        sent = json.dumps([[r["input"]["messages"], r["preferred_output"], r["non_preferred_output"]]
+                           for r in api.uploaded_rows(file_id)])
+        assert "ana@example.com" not in sent and "4155550123" not in sent
+        assert "[EMAIL]" in sent and "[PHONE]" in sent
