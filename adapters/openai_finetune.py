@@ -425,6 +425,8 @@ class OpenAIBackend:
 
         phases: list[tuple[Any, _Follower]] = []
         model = base_model
+        # Hosted chat models are already instruction-tuned, so base_is_sft does not apply here; a
+        # supervised job first is an explicit choice (it doubles the jobs and the cost).
         if getattr(config, "supervised_first", False):
             sft_job, sft_follow = run_phase("sft", model, supervised_rows(rows))
             phases.append((sft_job, sft_follow))
