@@ -42,8 +42,11 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from agent_dpo.calls import Call, FeedbackRecord
 from agent_dpo.context import CallContexts, assistant_message, message_dict, tool_result_text
+from agent_dpo.events import Tool
 from agent_dpo.toolcheck import ToolCallVerdict, check_tool_call
 
 PAIR_SIGNALS = ("preference", "correction", "schema_retry", "csat_prefix")
@@ -150,9 +153,9 @@ class Examples:
 class _CallView:
     """Per-call caches: tools built once, tool-call verdicts computed once, contexts built once."""
 
-    def __init__(self, call: Call, checker: Checker) -> None:
+    def __init__(self, call: Call, checker: Checker, tools: list[dict[str, Any]]) -> None:
         self.call = call
-        self.tools = call.tools
+        self.tools = tools
         self.checker = checker
         self.contexts = CallContexts(call)
         self._verdicts: dict[int, list[ToolCallVerdict]] = {}
@@ -407,12 +410,32 @@ def _prefix_pairs(groups: dict[str, list[_PrefixEntry]], config: PairingConfig, 
 
 # ---- all calls of one agent -------------------------------------------------------------------------
 
+_TOOLS_JSON = TypeAdapter(list[Tool])
+
+
+class _ToolLists:
+    """One list object per distinct tools list. An agent offers the same tools on every call; sharing
+    the list lets the tool checker find its compiled validators by identity instead of digesting the
+    whole list again for every call (which cost more than everything else in pairing together)."""
+
+    def __init__(self) -> None:
+        self._lists: dict[bytes, list[dict[str, Any]]] = {}
+
+    def get(self, call: Call) -> list[dict[str, Any]]:
+        key = _TOOLS_JSON.dump_json(call.started.tools, exclude_none=True)  # pydantic-core: fast, exact
+        found = self._lists.get(key)
+        if found is None:
+            found = self._lists[key] = call.tools
+        return found
+
+
 def build_examples(calls: Iterable[Call], tenant_id: str, agent_id: str,
                    config: PairingConfig | None = None, *,
                    side_of: Callable[[Call], str] = lambda _call: "train",
                    checker: Checker = check_tool_call) -> Examples:
     """Every pair and KTO example in one agent's calls, each tagged with its call's split side."""
     config = config or PairingConfig()
+    interned = _ToolLists()
     out = Examples()
     groups: dict[str, list[_PrefixEntry]] = defaultdict(list)
     shared_prefix = "shared-prefix" in config.csat_policies
@@ -440,7 +463,7 @@ def build_examples(calls: Iterable[Call], tenant_id: str, agent_id: str,
             out.raters[f"{fb.kind}:{rater}"] += 1
         side = side_of(call)
         out.calls_by_side[side] += 1
-        view = _CallView(call, checker)
+        view = _CallView(call, checker, interned.get(call))
         _call_pairs(view, side, out)
         _schema_retries(view, side, out)
         thumbed = _thumbs(view, side, out)
