@@ -244,8 +244,24 @@ def subject_for(tenant_id: str, agent_id: str, event_type: str, prefix: str = DE
     return f"{prefix}.{tenant_id}.{agent_id}.{event_type}"
 
 
+_SUBJECTS: dict[tuple[str, str], Subject | None] = {}  # a bus carries few distinct subjects: parse each once
+
+
 def parse_subject(subject: str, prefix: str = DEFAULT_SUBJECT_PREFIX) -> Subject | None:
     """`agents.<tenant>.<agent>.<type>` with a two-token type such as `call.turn`; None if it does not parse."""
+    key = (subject, prefix)
+    try:
+        return _SUBJECTS[key]
+    except KeyError:
+        pass
+    parsed = _parse_subject(subject, prefix)
+    if len(_SUBJECTS) >= 10_000:
+        _SUBJECTS.clear()
+    _SUBJECTS[key] = parsed
+    return parsed
+
+
+def _parse_subject(subject: str, prefix: str) -> Subject | None:
     head = prefix + "."
     if not subject.startswith(head):
         return None
@@ -257,6 +273,10 @@ def parse_subject(subject: str, prefix: str = DEFAULT_SUBJECT_PREFIX) -> Subject
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for all events: `json.loads(..., parse_constant=...)` would build a new one per call.
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _first_error(exc: ValidationError, prefix: str = "") -> str:
@@ -285,7 +305,7 @@ def parse_event(subject: str, payload: bytes, prefix: str = DEFAULT_SUBJECT_PREF
     except UnicodeDecodeError as exc:
         return reject("invalid_utf8", str(exc))
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = _JSON.decode(text)
     except (ValueError, RecursionError) as exc:
         return reject("invalid_json", str(exc)[:300])
     if not isinstance(obj, dict):

@@ -45,3 +45,16 @@ def parse_agent(value: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not TENANT/AGENT (each 1-64 characters of A-Z a-z 0-9 _ -)")
     return parts[0], parts[1]
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML settings file with [bus] and [nats] tables (env AGENT_DPO_CONFIG); "
+                             "see agent_dpo/config.py")
+
+
+def settings(args: argparse.Namespace, **bus_overrides):
+    """Bus and NATS auth settings: defaults < --config/AGENT_DPO_CONFIG file < env < flags."""
+    from agent_dpo.config import load_settings
+
+    return load_settings(getattr(args, "config", None), **bus_overrides)
