@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pairing_fixtures import FIND_SLOTS_OK, SALON_TOOLS, SYSTEM, CallBuilder, args  # noqa: E402
+from pairing_fixtures import FIND_SLOTS_OK, SALON_TOOLS, SYSTEM, CallBuilder, args
 
-from agent_dpo.calls import assemble_call  # noqa: E402
-from agent_dpo.context import CallContexts, assistant_message, context_of  # noqa: E402
+from agent_dpo.calls import assemble_call
+from agent_dpo.context import CallContexts, assistant_message, context_of
 
 
 def test_context_is_system_then_earlier_turns_with_tool_results_after_their_call():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pairing_fixtures import (  # noqa: E402
+from pairing_fixtures import (
     BOOK_OK,
     FIND_SLOTS_BAD,
     FIND_SLOTS_OK,
@@ -21,12 +21,12 @@ from pairing_fixtures import (  # noqa: E402
     assistant,
     sqlite_store_with,
 )
-from tiny_model import smollm2_store  # noqa: E402,F401  (pytest fixture)
+from tiny_model import smollm2_store  # noqa: F401  (pytest fixture)
 
-from agent_dpo.cli import main  # noqa: E402
-from agent_dpo.export import export_dataset, kto_weights  # noqa: E402
-from agent_dpo.lengthbias import balance, length_stats  # noqa: E402
-from agent_dpo.split import split_of  # noqa: E402
+from agent_dpo.cli import main
+from agent_dpo.export import export_dataset, kto_weights
+from agent_dpo.lengthbias import balance, length_stats
+from agent_dpo.split import split_of
 
 TENANT, AGENT = "acme-salons", "salon-rebook"
 GOOD = assistant("I have Tuesday at 2pm or 4pm. Which suits you?")
@@ -225,11 +225,11 @@ def test_balance_drops_the_tail_on_the_heavy_side():
     assert balance([(10, 100), (20, 20)], ["a", "b"]) == {0}
 
 
-def test_trl_files_load_with_datasets_and_render_with_the_tool_template(store, tmp_path, smollm2_store):
+def test_trl_files_load_with_datasets_and_render_with_the_tool_template(store, tmp_path, smollm2_store):  # noqa: F811
+    from agent_dpo_adapters.hf_models import load_tokenizer
     from datasets import load_dataset
 
     from agent_dpo.chat_template import render
-    from agent_dpo_adapters.hf_models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct", smollm2_store)
     dpo = export_dataset(store, TENANT, AGENT, "trl-dpo", tmp_path / "d.jsonl", split="all")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pairing_fixtures import (  # noqa: E402
+from pairing_fixtures import (
     BOOK_OK,
     FIND_SLOTS_BAD,
     FIND_SLOTS_OK,
@@ -19,8 +19,8 @@ from pairing_fixtures import (  # noqa: E402
     assistant,
 )
 
-from agent_dpo.context import assistant_message, context_of  # noqa: E402
-from agent_dpo.pairing import PairingConfig, build_examples  # noqa: E402
+from agent_dpo.context import assistant_message, context_of
+from agent_dpo.pairing import PairingConfig, build_examples
 
 TENANT, AGENT = "acme-salons", "salon-rebook"
 GOOD = assistant("I have Tuesday at 2pm or 4pm. Which suits you?")

@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "from calls that share a context but answered differently")
     p.add_argument("--csat-margin", type=_fraction, default=0.4,
                    help="shared-prefix: least CSAT gap, as a share of the scale (default 0.4)")
+    p.add_argument("--labelled-by", metavar="WHO",
+                   help="who labelled the data, recorded in the meta (default: the raters seen in the events)")
     add_store_option(p)
     p.set_defaults(func=run)
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         summary = export_dataset(store, tenant, agent, args.fmt, args.out, split=args.split,
                                  redact=not args.no_redact, length_balance=args.length_balance,
                                  include_pairs=args.include_pairs, test_fraction=args.test_fraction,
-                                 config=config)
+                                 config=config, labelled_by=args.labelled_by)
     meta = summary.meta
     out = sys.stdout
     print(f"wrote {summary.rows} rows ({summary.format}, split {summary.split}, "
