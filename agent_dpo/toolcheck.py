@@ -63,6 +63,14 @@ ToolCallVerdict.reason = _Deferred("reason")  # type: ignore[assignment]
 ToolCallVerdict.rule = _Deferred("rule")  # type: ignore[assignment]
 
 
+def _verdict(code: str, reason: Any, rule: Any) -> ToolCallVerdict:
+    """A failed verdict, built without the frozen dataclass __init__ (four guarded setattrs): the
+    same object at half the cost, which shows when a fifth of a batch fails."""
+    verdict = object.__new__(ToolCallVerdict)
+    verdict.__dict__.update(ok=False, code=code, _reason=reason, _rule=rule)
+    return verdict
+
+
 class _Explain:
     """The pending explanation of one schema violation: the compiled schema and the instance."""
 
@@ -136,7 +144,7 @@ def schema_digest(schema: Any) -> str:
 class _Compiled:
     """One schema, compiled once: jsonschema-rs decides, python-jsonschema explains failures."""
 
-    __slots__ = ("schema", "is_valid", "error", "_rs", "_explainer")
+    __slots__ = ("_explainer", "_rs", "error", "is_valid", "schema")
 
     def __init__(self, schema: Any) -> None:
         self.schema = schema
@@ -144,7 +152,7 @@ class _Compiled:
         self._explainer: jsonschema.protocols.Validator | None = None
         try:
             if not isinstance(schema, dict):
-                raise ValueError(f"parameters must be a JSON object, got {_json_type(schema)}")
+                raise TypeError(f"parameters must be a JSON object, got {_json_type(schema)}")
             cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
             cls.check_schema(schema)
             # Formats are asserted: a malformed e-mail or date-time would fail the tool's backend.
@@ -215,28 +223,23 @@ class ToolChecker:
         hit = self._by_identity.get(id(tools))
         offered = hit[1] if hit is not None and hit[0] is tools else self._offered(tools)
         try:
-            value = parse_arguments(arguments)
+            # parse_arguments, inlined: this is the hot path of every export and status run.
+            try:
+                value, end = _SCAN(arguments, 0)
+            except StopIteration:
+                end = -1
+            if end != len(arguments):
+                value = _DECODER.decode(arguments)
         except _NonFiniteNumber as exc:
-            return ToolCallVerdict(False, "invalid_json", f"arguments are not valid JSON: {exc}",
+            return _verdict("invalid_json", f"arguments are not valid JSON: {exc}",
                                    "(root) invalid_json")
         except (ValueError, TypeError, RecursionError) as exc:
             return _invalid_json(arguments, exc)
-        if type(value) is not dict:
-            return ToolCallVerdict(False, "not_an_object",
-                                   f"arguments must be a JSON object, got {_json_type(value)}",
-                                   "(root) not_an_object")
-        compiled = offered.get(name)
-        if compiled is None:
-            names = ", ".join(sorted(offered)) or "none"
-            return ToolCallVerdict(False, "unknown_tool",
-                                   _clip(f"tool {name!r} was not offered in this call (offered: {names})"),
-                                   "(root) unknown_tool")
-        if compiled.is_valid(value):
-            return OK
-        if compiled.error is not None:
-            return ToolCallVerdict(False, "invalid_schema", compiled.error, "(root) invalid_schema")
-        pending = _Explain(compiled, value)
-        return ToolCallVerdict(False, "schema_violation", pending, pending)
+        if type(value) is dict:
+            compiled = offered.get(name)
+            if compiled is not None and compiled.is_valid(value):
+                return OK
+        return _failure(offered, name, value)
 
     def stats(self) -> dict[str, int]:
         return {"validators": len(self._by_digest), "compiles": self.compiles,
@@ -269,6 +272,23 @@ class ToolChecker:
             found = self._by_digest[digest] = _Compiled(schema)
             self.compiles += 1
         return found
+
+
+def _failure(offered: dict[str, _Compiled], name: str, value: Any) -> ToolCallVerdict:
+    """The verdict for parsed arguments that did not pass, in the order the checks are made."""
+    if type(value) is not dict:
+        return _verdict("not_an_object", f"arguments must be a JSON object, got {_json_type(value)}",
+                               "(root) not_an_object")
+    compiled = offered.get(name)
+    if compiled is None:
+        names = ", ".join(sorted(offered)) or "none"
+        return _verdict("unknown_tool",
+                               _clip(f"tool {name!r} was not offered in this call (offered: {names})"),
+                               "(root) unknown_tool")
+    if compiled.error is not None:
+        return _verdict("invalid_schema", compiled.error, "(root) invalid_schema")
+    pending = _Explain(compiled, value)
+    return _verdict("schema_violation", pending, pending)
 
 
 _SHARED = ToolChecker()
@@ -369,7 +389,7 @@ def _invalid_json(arguments: Any, exc: Exception) -> ToolCallVerdict:
         reason = f"arguments must be JSON text, got a Python {type(arguments).__name__}"
     else:
         reason = f"arguments are not valid JSON: {exc}"
-    return ToolCallVerdict(False, "invalid_json", _clip(reason), "(root) invalid_json")
+    return _verdict("invalid_json", _clip(reason), "(root) invalid_json")
 
 
 def _clip(text: str) -> str:

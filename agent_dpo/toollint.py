@@ -248,16 +248,16 @@ def strict_mode_problems(params: dict, at: str = "") -> list[tuple[str, str, str
     """(pointer, rule, message) for everything OpenAI strict mode would refuse in `params`."""
     problems: list[tuple[str, str, str]] = []
     if params.get("type") != "object":
-        problems.append((at, "strict-root", 'the root of parameters must be {"type": "object"} (not anyOf, '
-                                            "not a union)"))
+        problems.append((at, "strict-root", ('the root of parameters must be {"type": "object"} (not anyOf, '
+                                            "not a union)")))
     counts = {"properties": 0, "enum": 0}
     _walk_strict(params, at, 1, True, problems, counts)
     if counts["properties"] > STRICT_MAX_PROPERTIES:
-        problems.append((at, "strict-limits", f"{counts['properties']} properties in all; strict mode allows "
-                                              f"{STRICT_MAX_PROPERTIES}"))
+        problems.append((at, "strict-limits", (f"{counts['properties']} properties in all; strict mode allows "
+                                              f"{STRICT_MAX_PROPERTIES}")))
     if counts["enum"] > STRICT_MAX_ENUM_VALUES:
-        problems.append((at, "strict-limits", f"{counts['enum']} enum values in all; strict mode allows "
-                                              f"{STRICT_MAX_ENUM_VALUES}"))
+        problems.append((at, "strict-limits", (f"{counts['enum']} enum values in all; strict mode allows "
+                                              f"{STRICT_MAX_ENUM_VALUES}")))
     return problems
 
 
@@ -287,8 +287,8 @@ def _walk_strict(schema: Any, at: str, depth: int, root: bool, out: list, counts
         props = props if isinstance(props, dict) else {}
         counts["properties"] += len(props)
         if depth > STRICT_MAX_DEPTH:
-            out.append((at, "strict-limits", f"objects nest {depth} levels deep; strict mode allows "
-                                             f"{STRICT_MAX_DEPTH}"))
+            out.append((at, "strict-limits", (f"objects nest {depth} levels deep; strict mode allows "
+                                             f"{STRICT_MAX_DEPTH}")))
         if schema.get("additionalProperties") is not False:
             out.append((at, "strict-additional-properties",
                         'every object needs "additionalProperties": false in strict mode'))
@@ -297,8 +297,8 @@ def _walk_strict(schema: Any, at: str, depth: int, root: bool, out: list, counts
         missing = [p for p in props if p not in required]
         if missing:
             out.append((f"{at}/required" if "required" in schema else at, "strict-required",
-                        f"every property must be required in strict mode; not required: {', '.join(missing)} "
-                        '(make optional ones nullable, e.g. "type": ["string", "null"])'))
+                        (f"every property must be required in strict mode; not required: {', '.join(missing)} "
+                        '(make optional ones nullable, e.g. "type": ["string", "null"])')))
         unknown = [r for r in required if isinstance(r, str) and r not in props]
         if unknown:
             out.append((f"{at}/required", "strict-required",

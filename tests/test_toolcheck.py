@@ -13,13 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_dpo.benchmarks.toolcheck import build_calls, run as run_bench, sample_arguments
+from agent_dpo.benchmarks.toolcheck import build_calls, sample_arguments
+from agent_dpo.benchmarks.toolcheck import run as run_bench
 from agent_dpo.calls import StoredEvent
 from agent_dpo.events import build_envelope, parse_event, subject_for
 from agent_dpo.toolcheck import (
     CODES,
-    ToolChecker,
     ToolCallVerdict,
+    ToolChecker,
     ToolStats,
     catalog_dir,
     check_tool_call,
@@ -203,8 +204,9 @@ def _event(seq: int, etype: str, data: dict, call_id: str = "call-1") -> StoredE
 
 
 def test_tools_stats_reads_a_real_store(tmp_path, capsys):
-    from agent_dpo.cli import main
     from agent_dpo_adapters.sqlite_store import SqliteStore
+
+    from agent_dpo.cli import main
 
     started = {"system_prompt": "You rebook salon appointments.", "tools": SALON,
                "model": {"name": "smollm2", "version": "v1"}, "channel": "voice"}

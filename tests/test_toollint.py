@@ -189,8 +189,8 @@ def test_cli_exits_1_on_errors_and_prints_json(tmp_path, capsys):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "agent_dpo.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "agent_dpo.cli", *args], check=False, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_cli_exit_codes_from_a_real_process(tmp_path):
