@@ -130,6 +130,8 @@ def _read(file: Path) -> tuple[Any, str | None]:
         return None, f"not UTF-8 text: {exc.reason} at byte {exc.start}"
     except json.JSONDecodeError as exc:
         return None, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    except RecursionError:
+        return None, "not usable JSON: nested too deeply to read"
     except OSError as exc:
         return None, f"cannot read: {exc.strerror or exc}"
 
@@ -163,7 +165,11 @@ def _lint_file(file: Path) -> Iterator[tuple[str | None, Finding | None]]:
         yield None, Finding("error", str(file), None, "", "not-a-tool", "the file holds an empty list")
         return
     for pointer, tool in _tools_of(doc):
-        yield from _lint_tool(str(file), pointer, tool)
+        try:
+            yield from _lint_tool(str(file), pointer, tool)
+        except RecursionError:
+            yield None, Finding("error", str(file), None, pointer, "schema",
+                                "the definition nests too deeply to check")
 
 
 def _lint_tool(file: str, base: str, tool: Any) -> Iterator[tuple[str | None, Finding | None]]:

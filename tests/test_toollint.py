@@ -4,9 +4,12 @@ naming the file, the tool, the JSON pointer and the reason; exit codes 0/1/2 and
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent_dpo.cli import main
 from agent_dpo.toolcheck import catalog_dir
@@ -205,3 +208,37 @@ def test_cli_exit_codes_from_a_real_process(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_cli("tools", "check", str(empty)).returncode == 2
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["type", "function", "name", "parameters", "properties", "required", "strict",
+                         "additionalProperties", "items", "anyOf", "$ref", "$schema", "pattern", "enum", "x"]),
+        inner, max_size=4),
+    max_leaves=15)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_json)
+def test_any_json_file_gives_findings_never_a_traceback(doc):
+    with tempfile.TemporaryDirectory() as folder:
+        path = write(Path(folder), "t.json", json.dumps(doc))
+        report = lint_paths([path])
+    assert report.files == 1
+    assert all(f.severity in ("error", "warning") and f.message for f in report.findings)
+
+
+def test_deeply_nested_definitions_are_an_error_not_a_crash(tmp_path):
+    deep = write(tmp_path, "deep.json", "[" * 100_000 + "]" * 100_000)
+    assert only(deep, "not-json").message == "not usable JSON: nested too deeply to read"
+    # Readable JSON (under the parser's limit) whose schema is too deep for the schema checks.
+    levels = 450
+    schema = ('{"type": "object", "properties": {"a": ' * levels + '{"type": "string"}'
+              + '}, "required": ["a"], "additionalProperties": false}' * levels)
+    path = write(tmp_path, "nested.json",
+                 '{"type": "function", "function": {"name": "deep", "description": "d", "strict": true, '
+                 f'"parameters": {schema}}}}}')
+    report = lint_paths([path])
+    assert report.errors >= 1
+    assert any(f.rule == "strict-limits" or "too deeply" in f.message for f in report.findings)
