@@ -1,6 +1,7 @@
 """`agent-dpo bench toolcheck`: the project's full tool-call check (parse, look up the offered tool,
-validate, explain failures) against jsonschema-rs on the same realistic calls, built from the
-example agents' catalog (about a fifth of them invalid). Last line: the ratio to jsonschema-rs."""
+validate, verdict) against jsonschema-rs on the same realistic calls, built from the example
+agents' catalog (about a fifth of them invalid). Last line: the ratio to jsonschema-rs.
+Failure reasons are built when first read; one line shows the cost when every one is read."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent_dpo.errors import UsageError
 from agent_dpo.toolcheck import ToolChecker, catalog_dir, load_tool_catalog
 
 Call = tuple[list[dict], str, str]  # (tools offered, tool name, arguments text)
@@ -224,6 +226,13 @@ def contenders(chunks: list[list[Call]]) -> dict[str, Callable[[list[Call]], Non
         for tools, name, text in calls:
             check(tools, name, text)
 
+    explaining = ToolChecker()
+
+    def full_explained(calls: list[Call]) -> None:
+        check = explaining.check
+        for tools, name, text in calls:
+            check(tools, name, text).reason  # noqa: B018 - reading it is the point
+
     fresh = ToolChecker()
 
     def full_fresh_lists(calls: list[Call]) -> None:
@@ -239,6 +248,7 @@ def contenders(chunks: list[list[Call]]) -> dict[str, Callable[[list[Call]], Non
         "jsonschema-rs C-scanner parse + is_valid (anchor)": rs_scan,
         "jsonschema-rs json.loads + is_valid": _parse_then(rs),
         "agent-dpo check, full path": full,
+        "agent-dpo check, every failure's reason read": full_explained,
         "agent-dpo check, a new tools list per call": full_fresh_lists,
         "jsonschema Draft202012Validator json.loads + is_valid": _parse_then(py),
     }
@@ -276,7 +286,8 @@ def _parse_then(validators: dict[str, Callable[[Any], bool]]) -> Callable[[list[
 
 # Slow contenders run on a share of the chunks; rates are per call either way.
 _SHARE = {"jsonschema Draft202012Validator json.loads + is_valid": 0.05,
-          "agent-dpo check, a new tools list per call": 0.25}
+          "agent-dpo check, a new tools list per call": 0.25,
+          "agent-dpo check, every failure's reason read": 0.25}
 CHUNK = 1000
 
 
@@ -302,6 +313,8 @@ def measure(calls: list[Call], rounds: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.calls < 1 or args.rounds < 1 or not 0 <= args.invalid_share <= 1:
+        raise UsageError("--calls and --rounds must be at least 1, --invalid-share between 0 and 1")
     calls = build_calls(args.calls, args.seed, args.invalid_share)
     checker = ToolChecker()
     invalid = sum(not checker.check(*c).ok for c in calls)
