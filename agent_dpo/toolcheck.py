@@ -28,8 +28,9 @@ class ToolCallVerdict:
     ok: bool
     code: str | None = None  # None when ok; else one of CODES
     reason: str | None = None  # human reason, with the JSON pointer of the offending value
-    # A value-free key for aggregation ("/date pattern"): reasons quote argument values (which
-    # may hold personal data and make every failure unique), so stats count this instead.
+    # A value-free key for aggregation: "/date pattern" for a schema violation, else the code.
+    # Reasons quote argument values (which may hold personal data and make every failure
+    # unique), so stats count rules instead.
     rule: str | None = field(default=None, compare=False)
 
     def __reduce__(self) -> tuple:
@@ -232,7 +233,7 @@ class ToolChecker:
                 value = _DECODER.decode(arguments)
         except _NonFiniteNumber as exc:
             return _verdict("invalid_json", f"arguments are not valid JSON: {exc}",
-                                   "(root) invalid_json")
+                                   "invalid_json")
         except (ValueError, TypeError, RecursionError) as exc:
             return _invalid_json(arguments, exc)
         if type(value) is dict:
@@ -278,15 +279,15 @@ def _failure(offered: dict[str, _Compiled], name: str, value: Any) -> ToolCallVe
     """The verdict for parsed arguments that did not pass, in the order the checks are made."""
     if type(value) is not dict:
         return _verdict("not_an_object", f"arguments must be a JSON object, got {_json_type(value)}",
-                               "(root) not_an_object")
+                               "not_an_object")
     compiled = offered.get(name)
     if compiled is None:
         names = ", ".join(sorted(offered)) or "none"
         return _verdict("unknown_tool",
                                _clip(f"tool {name!r} was not offered in this call (offered: {names})"),
-                               "(root) unknown_tool")
+                               "unknown_tool")
     if compiled.error is not None:
-        return _verdict("invalid_schema", compiled.error, "(root) invalid_schema")
+        return _verdict("invalid_schema", compiled.error, "invalid_schema")
     pending = _Explain(compiled, value)
     return _verdict("schema_violation", pending, pending)
 
@@ -324,7 +325,8 @@ class ToolStats:
         if not verdict.ok:
             tally.failures += 1
             tally.by_code[verdict.code] += 1
-            tally.by_rule[f"{verdict.code}: {verdict.rule}" if verdict.rule else verdict.code] += 1
+            rule = verdict.rule
+            tally.by_rule[verdict.code if rule in (None, verdict.code) else f"{verdict.code}: {rule}"] += 1
 
     def rows(self, top: int = 3) -> list[dict[str, Any]]:
         return [
@@ -389,7 +391,7 @@ def _invalid_json(arguments: Any, exc: Exception) -> ToolCallVerdict:
         reason = f"arguments must be JSON text, got a Python {type(arguments).__name__}"
     else:
         reason = f"arguments are not valid JSON: {exc}"
-    return _verdict("invalid_json", _clip(reason), "(root) invalid_json")
+    return _verdict("invalid_json", _clip(reason), "invalid_json")
 
 
 def _clip(text: str) -> str:

@@ -107,21 +107,42 @@ def lint_paths(paths: Iterable[str | Path]) -> LintReport:
     first_seen: dict[str, str] = {}  # tool name -> file that defined it first
     for file in tool_files(paths):
         report.files += 1
-        for tool_name, finding in _lint_file(file):
-            if finding is not None:
-                report.findings.append(finding)
-            elif tool_name is not None:  # a tool was found: count it, check its name is new
-                report.tools += 1
-        for name, pointer in _names_in(file):
+        doc, problem = _read(file)
+        if problem:
+            report.findings.append(Finding("error", str(file), None, "", "not-json", problem))
+            continue
+        if doc == []:
+            report.findings.append(Finding("error", str(file), None, "", "not-a-tool", "the file holds an empty list"))
+            continue
+        for base, tool in _tools_of(doc):
+            name, findings = lint_tool(tool, str(file), base)
+            report.findings.extend(findings)
+            if name is None:
+                continue
+            report.tools += 1
             if name in first_seen:
-                report.findings.append(Finding("error", str(file), name, pointer, "duplicate-name",
+                report.findings.append(Finding("error", str(file), name, f"{base}/function/name", "duplicate-name",
                                                f"tool name {name!r} is already defined in {first_seen[name]}"))
             else:
                 first_seen[name] = str(file)
     return report
 
 
-# --- one file --------------------------------------------------------------------------------
+def lint_tool(tool: Any, file: str = "<tool>", base: str = "") -> tuple[str | None, list[Finding]]:
+    """(the tool's name, or None when it has none; its findings). `base` is the tool's JSON pointer
+    inside `file`, so findings point into the file as written."""
+    findings: list[Finding] = []
+    name = None
+    try:
+        for name, finding in _lint_tool(file, base, tool):  # every yield after the first carries the name
+            if finding is not None:
+                findings.append(finding)
+    except RecursionError:
+        findings.append(Finding("error", file, name, base, "schema", "the definition nests too deeply to check"))
+    return name, findings
+
+
+# --- one tool --------------------------------------------------------------------------------
 
 def _read(file: Path) -> tuple[Any, str | None]:
     try:
@@ -143,36 +164,8 @@ def _tools_of(doc: Any) -> list[tuple[str, Any]]:
     return [("", doc)]
 
 
-def _names_in(file: Path) -> list[tuple[str, str]]:
-    doc, problem = _read(file)
-    if problem:
-        return []
-    out = []
-    for pointer, tool in _tools_of(doc):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            out.append((fn["name"], f"{pointer}/function/name"))
-    return out
-
-
-def _lint_file(file: Path) -> Iterator[tuple[str | None, Finding | None]]:
-    """Yields (tool name, None) once per tool found, and (tool name, finding) per finding."""
-    doc, problem = _read(file)
-    if problem:
-        yield None, Finding("error", str(file), None, "", "not-json", problem)
-        return
-    if isinstance(doc, list) and not doc:
-        yield None, Finding("error", str(file), None, "", "not-a-tool", "the file holds an empty list")
-        return
-    for pointer, tool in _tools_of(doc):
-        try:
-            yield from _lint_tool(str(file), pointer, tool)
-        except RecursionError:
-            yield None, Finding("error", str(file), None, pointer, "schema",
-                                "the definition nests too deeply to check")
-
-
 def _lint_tool(file: str, base: str, tool: Any) -> Iterator[tuple[str | None, Finding | None]]:
+    """Yields (name, finding) pairs; (name, None) once the tool's name is known."""
     def finding(severity: str, pointer: str, rule: str, message: str) -> tuple[str | None, Finding]:
         return name, Finding(severity, file, name, pointer, rule, message)
 

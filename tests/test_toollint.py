@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent_dpo.cli import main
 from agent_dpo.toolcheck import catalog_dir
-from agent_dpo.toollint import lint_paths
+from agent_dpo.toollint import lint_paths, lint_tool
 
 P = "/function/parameters"
 
@@ -54,6 +54,12 @@ def test_the_example_catalog_is_clean(capsys):
 
 def test_a_clean_strict_tool_has_no_findings(tmp_path):
     assert findings(write(tmp_path, "t.json", strict_tool())) == []
+
+
+def test_a_tool_offered_at_runtime_can_be_linted_without_a_file():
+    name, found = lint_tool(strict_tool(additionalProperties=True))
+    assert name == "find_slots"
+    assert [(f.file, f.pointer, f.rule) for f in found] == [("<tool>", P, "strict-additional-properties")]
 
 
 def test_a_file_that_is_not_json(tmp_path):
