@@ -73,12 +73,15 @@ async def connect(url: str, auth: NatsAuth | None = None, *, name: str = "agent-
     try:
         nc = await nats.connect(
             url, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5, ping_interval=10, max_outstanding_pings=3,
+            # A few tries for the first connection (a wrong URL fails fast, as a one-line error) ...
+            max_reconnect_attempts=2, reconnect_time_wait=0.5, ping_interval=10, max_outstanding_pings=3,
             # Our subjects are built from validated ids; acks are reply subjects from the server.
             skip_subject_validation=True,
             error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
             **connect_options(auth))
         client.append(nc)
+        # ... and, once connected, reconnects that never give up (nats-py reads this option on each one).
+        nc.options["max_reconnect_attempts"] = -1
         return nc
     except (OSError, nats.errors.Error, asyncio.TimeoutError, ssl.SSLError) as exc:
         detail = str(exc) or type(exc).__name__
