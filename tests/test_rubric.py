@@ -222,3 +222,52 @@ def test_csat_and_thumbs_follow_scores_with_noise():
     ups = [thumbs_from_score(0.9, rng) for _ in range(400)]
     assert 0.9 < sum(ups) / 400 < 1.0
     assert sum(thumbs_from_score(0.2, rng) for _ in range(400)) / 400 < 0.1
+
+
+def test_every_stock_phrase_carries_the_feature_the_simulator_labels_it_with():
+    from agent_dpo.world import answers as A
+    from agent_dpo.world import rubric as R
+
+    def fill(text: str) -> str:
+        return text.format(list="Tuesday at 2:30 pm", who="Maya", svc="haircut", site="Downtown", dur="45",
+                           day_word="Friday", slot="Tuesday at 2:30 pm", spec="cardiology", dr="Dr. Raman",
+                           dr2="Dr. Raman", t1="10:00 am", t2="10:15 am", other="MRI", day="Tuesday",
+                           until="20th", urgency="routine")
+
+    marked = {
+        R._PUSHY: A.PUSH + A.PUSH_NO_SLOT + A.R_PUSH + A.CONFIRM_PUSH,
+        R._UPSELL_SALON: A.UPSELL + A.CONFIRM_UPSELL,
+        R._UPSELL_RESOLVER: A.R_UPSELL,
+        R._VAGUE: A.VAGUE + A.CONFIRM_VAGUE + A.R_VAGUE + A.R_CONFIRM_VAGUE,
+        R._ACKNOWLEDGE: tuple(s for bank in A.ACK.values() for s in bank),
+        R._POLITE: A.INTRO_POLITE + A.Q_POLITE + A.TAIL_POLITE + A.CLOSE_POLITE + A.SORRY + A.R_Q_POLITE,
+        R._FLAG: A.FLAG_TEXT,
+    }
+    for pattern, bank in marked.items():
+        missing = [s for s in bank if not pattern.search(fill(s))]
+        assert not missing, (pattern.pattern[:40], missing)
+    neutral = (A.INTRO_NEUTRAL + A.Q_PLAIN + A.TAIL_NEUTRAL + A.SLOT_LEADS + A.CONFIRM_LEADS + A.CONFIRM_NOTICE
+               + A.ALT_LEADS + A.R_Q_PLAIN + A.R_CONFIRM + A.R_NOTICE + A.R_IGNORE + A.R_IGNORE_MORE)
+    for pattern in (R._PUSHY, R._UPSELL_SALON, R._VAGUE, R._ACKNOWLEDGE):
+        hits = [s for s in neutral if pattern.search(fill(s))]
+        assert not hits, (pattern.pattern[:40], hits)
+
+
+def test_the_judge_reads_back_the_features_the_simulator_wrote():
+    from datetime import date
+
+    from agent_dpo.world import answers as A
+    from agent_dpo.world.rubric import extract_features
+
+    ctx = _salon_context((("2026-12-08", "14:30", "Maya"), ("2026-12-09", "10:00", "Kai")))
+    slots = [A.Slot("slot-00000000", date(2026, 12, 8), 14, 30, "Maya", "sty-011"),
+             A.Slot("slot-00000001", date(2026, 12, 9), 10, 0, "Kai", "sty-012")]
+    rng = random.Random(11)
+    keys = ("grounded", "invented", "pushy", "upsell", "vague", "confirms")
+    for style in ("good", "pushy", "upsell", "vague", "invented"):
+        for _ in range(150):
+            text, written = A.salon_offer(rng, style, slots, svc="haircut", site="Downtown", dur=45,
+                                          avoid={(14, 30), (10, 0), (23, 59)})
+            read, _ = extract_features("salon-rebook", ctx, SALON_TOOLS, text)
+            assert [getattr(read, k) for k in keys] == [getattr(written, k) for k in keys], (style, text)
+            assert (read.polite > 0) == (written.polite > 0), (style, text)

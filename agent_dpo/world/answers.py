@@ -112,7 +112,7 @@ class _Answer:
 
     def add(self, text: str, polite: int = 0, confirms: bool = False) -> None:
         if text:
-            self.parts.append(_sentence(text))
+            self.parts.append(_sentence(text).replace("m..", "m."))  # "2 p.m." ends a sentence once
             self.polite += polite
             self.confirms = self.confirms or confirms or "?" in text
 

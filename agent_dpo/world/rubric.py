@@ -121,8 +121,8 @@ _CONFIRMS = re.compile(
     r"\?|\b(shall i|should i|would you like|want me to|do you want|let me know which|"
     r"just say which|tell me which|which (?:one|of those|would|works|suits))\b", re.IGNORECASE)
 _PUSHY = re.compile(
-    r"\b((?:you|you'll) (?:really )?(?:need|have|must|got) to (?:book|decide|grab|take|lock|commit|choose|"
-    r"pick|confirm|do)|you must\b|right now|right away|immediately|hurry|last chance|now or never|"
+    r"\b((?:you|you'll|you've) (?:really )?(?:need|have|must|got) to (?:book|decide|grab|take|lock|commit|choose|"
+    r"pick|confirm|do)|you must\b|hurry|last chance|now or never|"
     r"won'?t last|(?:go|goes|going) fast|before (?:it'?s|they'?re|it is|they are) gone|"
     r"(?:don'?t|do not) (?:wait|delay|think too long|miss out|be late)|no time to waste|or (?:you'?ll|you will) lose|"
     r"i'?d (?:grab|lock|take) it (?:in )?(?:now|today)|decide (?:now|quickly|fast)|can'?t hold|"
@@ -277,7 +277,7 @@ def answer_times(text: str) -> list[set[tuple[int, int]]]:
 
 def _answer_days(text: str) -> tuple[set[int], set[int]]:
     days = {int(d) for d in _DAY_AFTER_MONTH.findall(text)} | {int(d) for d in _DAY_ORDINAL.findall(text)}
-    days |= {int(d) for _, d in _DAY_NUMERIC.findall(text)}
+    days |= {int(d) for _, d in _DAY_NUMERIC.findall(text)} | {int(d) for _, _, d in _ANY_DATE.findall(text)}
     weekdays = {[w[:3] for w in _WEEKDAYS].index(w[:3].lower()) for w in _WEEKDAY.findall(text)}
     return days, weekdays
 

@@ -597,7 +597,9 @@ def _resolver_call(c: _Call, site: Site, today: date) -> None:
             c.user(rng.choice(("So that time doesn't exist?", "What happened?")))
             continue
         c.user(rng.choice((f"{A.say_time(rng, choice.hour, choice.minute)} works for me.",
-                           f"Let's do {A.say_day(rng, choice.day)}.", "The first one, please.", "Okay, that one.")))
+                           f"Let's do {A.say_day(rng, choice.day)} at {A.say_time(rng, choice.hour, choice.minute)}.",
+                           f"The {A.say_time(rng, choice.hour, choice.minute)} one, please.",
+                           f"Okay, {A.say_day(rng, choice.day)} then.")))
         picked = choice
         break
     if picked is None:
