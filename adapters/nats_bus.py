@@ -24,7 +24,7 @@ from nats.js.client import JetStreamContext
 
 from agent_dpo.config import BusConfig, NatsAuth
 from agent_dpo.errors import AgentDpoError
-from agent_dpo.ingest import Incoming, Rejected, dead_letter_msg_id, store_failure, triage
+from agent_dpo.ingest import Incoming, Rejected, dead_letter_msg_id, store_failure, triage, undeliverable
 from agent_dpo.logs import get_logger
 from agent_dpo.store import DeadLetter, EventStore, WriteResult
 
@@ -58,8 +58,11 @@ async def connect(url: str, auth: NatsAuth | None = None, *, name: str = "agent-
     publishes/acks made while it is away are buffered and sent after the reconnect."""
     auth = auth or NatsAuth()
 
+    errors: list[str] = []
+
     async def on_error(exc: Exception) -> None:
-        log.warning("nats_error", error=f"{type(exc).__name__}: {exc}"[:300])
+        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        log.warning("nats_error", error=errors[-1])
 
     client: list[Client] = []
 
@@ -84,7 +87,7 @@ async def connect(url: str, auth: NatsAuth | None = None, *, name: str = "agent-
         nc.options["max_reconnect_attempts"] = -1
         return nc
     except (OSError, nats.errors.Error, asyncio.TimeoutError, ssl.SSLError) as exc:
-        detail = str(exc) or type(exc).__name__
+        detail = errors[-1] if errors else (str(exc) or type(exc).__name__)
         raise AgentDpoError(f"cannot connect to NATS at {url} (auth: {auth.describe()}): {detail}") from None
 
 
@@ -351,6 +354,8 @@ class Ingestor:
         self._last_arrival = time.monotonic()
         self._executor: ThreadPoolExecutor | None = None
         self._fetched = 0
+        self._last_progress = time.monotonic()
+        self._exhausted: list[tuple[int, int]] = []  # (stream seq, deliveries) JetStream gave up on
 
     async def run(self, *, until_idle: float | None = None, stop_after: int | None = None) -> IngestStats:
         """Ingest until `stop` is set, or `until_idle` seconds pass with nothing new, or (benchmarks,
@@ -358,11 +363,17 @@ class Ingestor:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         inflight: asyncio.Task | None = None
         puller: BatchPuller | None = None
+        advisories = None
         last_report = time.monotonic()
         self._last_arrival = time.monotonic()
         try:
             puller = await self._subscribe()
+            advisories = await self.nc.subscribe(
+                f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.bus.stream}.{self.bus.consumer}",
+                cb=self._on_max_deliveries)
             while not self.stop.is_set():
+                if self._exhausted:
+                    await self._dead_letter_exhausted()
                 msgs = await self._fetch(puller)
                 # At most one batch is being written while the next is fetched: backpressure.
                 if inflight is not None:
@@ -391,6 +402,11 @@ class Ingestor:
                 inflight.cancel()
             if puller is not None:
                 await puller.stop()
+            if advisories is not None:
+                try:
+                    await advisories.unsubscribe()
+                except nats.errors.Error:
+                    pass  # connection already gone
             self._executor.shutdown(wait=True)
         return self.stats
 
@@ -425,7 +441,7 @@ class Ingestor:
         """Idle means nothing new arrived for `until_idle` seconds and nothing is still owed a
         redelivery (a nak'ed batch comes back later; leaving now would strand it until the next run)."""
         idle = time.monotonic() - self._last_arrival
-        if idle < until_idle:
+        if idle < until_idle or self._exhausted:
             return False
         try:
             info = await self.js.consumer_info(self.bus.stream, self.bus.consumer, timeout=2)
@@ -433,7 +449,38 @@ class Ingestor:
             return False
         outstanding = (info.num_pending or 0) + (info.num_ack_pending or 0)
         # Give up on waiting for outstanding messages after one full redelivery cycle.
-        return outstanding == 0 or idle >= until_idle + self.bus.nak_delay_s + self.bus.ack_wait_s
+        if outstanding and idle < until_idle + self.bus.nak_delay_s + self.bus.ack_wait_s:
+            return False
+        await asyncio.sleep(0.2)  # a max-deliveries advisory may still be on its way
+        return not self._exhausted
+
+    # ---- messages JetStream gave up on ------------------------------------------------------------
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            self._exhausted.append((int(advisory["stream_seq"]), int(advisory.get("deliveries", 0))))
+        except (ValueError, KeyError, TypeError):
+            log.warning("bad_advisory", data=msg.data[:200])
+
+    async def _dead_letter_exhausted(self) -> None:
+        """A backstop: normally the last delivery is dead-lettered by `_store_failed`; this catches a
+        message whose every delivery died with the process. Idempotent (dead letters are keyed by seq)."""
+        exhausted, self._exhausted = self._exhausted, []
+        for seq, deliveries in exhausted:
+            try:
+                raw = await self.js.get_msg(self.bus.stream, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+                self._exhausted.append((seq, deliveries))  # try again after the next batch
+                return
+            item = Incoming(0, raw.subject, raw.data or b"", seq, deliveries)
+            rej = undeliverable(item, self.bus.subject_prefix)
+            if await self._dead_letter(rej, log_level="error"):
+                self._pending_dead_letters.append(rej.dead_letter())
+            else:
+                self._exhausted.append((seq, deliveries))
 
     # ---- one batch --------------------------------------------------------------------------------
 
@@ -471,23 +518,44 @@ class Ingestor:
     async def _write(self, events: Sequence, dead_letters: Sequence[DeadLetter], msgs: list[Msg]) -> WriteResult:
         """One transaction; transient errors (a locked database) are retried here, holding the batch
         with in-progress acks so it is not redelivered elsewhere, and fetching nothing meanwhile."""
-        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.bus.store_retry_s
-        delay, last_progress = 0.05, time.monotonic()
+        delay = 0.05
         while True:
             try:
-                return await loop.run_in_executor(self._executor, self.store.write_batch, events, dead_letters)
+                return await self._in_store_thread(msgs, events, dead_letters)
             except Exception as exc:
                 if not self.is_transient(exc) or time.monotonic() >= deadline or self.stop.is_set():
                     raise
                 self.stats.store_retries += 1
                 log.warning("store_busy", error=str(exc)[:200], retry_in_s=delay, events=len(events))
-                if time.monotonic() - last_progress > self.bus.ack_wait_s / 4:
-                    last_progress = time.monotonic()
-                    for msg in msgs:
-                        await msg.in_progress()
-                await asyncio.sleep(delay)
+                await self._hold(msgs, delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _in_store_thread(self, msgs: list[Msg], events: Sequence,
+                               dead_letters: Sequence[DeadLetter] = ()) -> WriteResult:
+        """`store.write_batch` on the writer thread; a slow write (fsync stall, busy wait) keeps its
+        messages from being redelivered with in-progress acks."""
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, self.store.write_batch, events, dead_letters)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self.bus.ack_wait_s / 3)
+            except asyncio.TimeoutError:
+                log.warning("store_slow", events=len(events))
+                await self._progress(msgs)
+
+    async def _hold(self, msgs: list[Msg], seconds: float) -> None:
+        """Sleep while keeping `msgs` ours."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if time.monotonic() - self._last_progress > self.bus.ack_wait_s / 3:
+                await self._progress(msgs)
+            await asyncio.sleep(min(left, self.bus.ack_wait_s / 3))
+
+    async def _progress(self, msgs: list[Msg]) -> None:
+        self._last_progress = time.monotonic()
+        for msg in msgs:
+            await msg.in_progress()
 
     async def _store_failed(self, accepted: list, dead_records: list[DeadLetter], msgs: list[Msg],
                             exc: Exception) -> None:
@@ -499,10 +567,9 @@ class Ingestor:
             self._pending_dead_letters.extend(dead_records)  # recorded with a later batch
         failed: list[tuple[Any, Any, BaseException]] = []
         if len(accepted) > 1 and not self.is_transient(exc):
-            loop = asyncio.get_running_loop()
             for item, stored in accepted:
                 try:
-                    written = await loop.run_in_executor(self._executor, self.store.write_batch, [stored], [])
+                    written = await self._in_store_thread([msgs[item.index]], [stored])
                 except Exception as one_exc:  # noqa: BLE001
                     failed.append((item, stored, one_exc))
                 else:
@@ -514,7 +581,8 @@ class Ingestor:
             msg = msgs[item.index]
             if item.num_delivered >= self.bus.max_deliver:
                 rej = store_failure(item, stored.event, err)
-                if await self._dead_letter(rej, log_level="error"):
+                if await self._dead_letter(rej, log_level="error", call_id=stored.event.call_id,
+                                           event_id=stored.event.event_id):
                     self._pending_dead_letters.append(rej.dead_letter())
                     await msg.ack()
                     continue
@@ -524,10 +592,11 @@ class Ingestor:
             # The store is down: wait before fetching more rather than spin through redeliveries.
             await asyncio.sleep(min(self.bus.nak_delay_s, 5.0))
 
-    async def _dead_letter(self, rej: Rejected, *, log_level: str) -> bool:
+    async def _dead_letter(self, rej: Rejected, *, log_level: str, **context: str) -> bool:
         item = rej.incoming
         bound = log.bind(tenant_id=rej.rejection.tenant_id, agent_id=rej.rejection.agent_id,
-                         stream_seq=item.stream_seq, subject=item.subject[:200], code=rej.rejection.code)
+                         stream_seq=item.stream_seq, subject=item.subject[:200], code=rej.rejection.code,
+                         **context)
         headers = {**rej.headers(), "Nats-Msg-Id": dead_letter_msg_id(self.bus.stream, item.stream_seq)}
         try:
             await self.js.publish(rej.rejection.dlq_subject, item.payload, headers=headers, timeout=5)

@@ -6,7 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent_dpo.calls import StoredEvent
-from agent_dpo.events import DEFAULT_SUBJECT_PREFIX, DLQ_PREFIX, DLQ_UNKNOWN, Event, Rejection, parse_event
+from agent_dpo.events import (
+    DEFAULT_SUBJECT_PREFIX,
+    DLQ_PREFIX,
+    DLQ_UNKNOWN,
+    Event,
+    Rejection,
+    parse_event,
+    parse_subject,
+)
 from agent_dpo.store import DeadLetter
 
 # Headers on a dead letter, next to the original bytes.
@@ -17,6 +25,7 @@ CODE_HEADER = "Agent-Dpo-Code"
 
 # Not a contract violation: the message was fine but could not be stored within max-deliver attempts.
 STORE_FAILED = "store_failed"
+MAX_DELIVERIES = "max_deliveries"
 
 
 @dataclass(slots=True)
@@ -77,6 +86,16 @@ def store_failure(item: Incoming, event: Event, error: BaseException) -> Rejecte
     return Rejected(item, rejection)
 
 
+def undeliverable(item: Incoming, prefix: str = DEFAULT_SUBJECT_PREFIX) -> Rejected:
+    """A message JetStream gave up on (max deliveries) without it being stored or dead-lettered,
+    e.g. because the ingest process died on each delivery."""
+    parsed = parse_subject(item.subject, prefix)
+    rejection = Rejection(MAX_DELIVERIES, f"delivered {item.num_delivered} times without being stored",
+                          tenant_id=parsed.tenant_id if parsed else None,
+                          agent_id=parsed.agent_id if parsed else None)
+    return Rejected(item, rejection)
+
+
 def dead_letter_headers(item: Incoming, rejection: Rejection) -> dict[str, str]:
     # Header values must be one line of ASCII for NATS.
     def clean(text: str) -> str:
@@ -95,5 +114,5 @@ def dead_letter_msg_id(stream: str, stream_seq: int) -> str:
     return f"agentdpo-dlq-{stream}-{stream_seq}"
 
 
-__all__ = ["DLQ_PREFIX", "DLQ_UNKNOWN", "Incoming", "Rejected", "Triage", "triage", "store_failure",
+__all__ = ["DLQ_PREFIX", "DLQ_UNKNOWN", "Incoming", "Rejected", "Triage", "triage", "store_failure", "undeliverable",
            "dead_letter_headers", "dead_letter_msg_id"]

@@ -304,3 +304,46 @@ async def test_sigterm_finishes_the_batch_and_exits_cleanly(nats_url, tmp_path):
     stats = await ingest_once(nats_url, tmp_path, replace(FAST_BUS, ack_wait_s=3.0, store_retry_s=1.0))
     assert stats.duplicates == 0
     assert count_events(tmp_path) == len(envs) and stats.inserted == len(envs) - stored
+
+
+class HangingStore(SqliteStore):
+    """Ingest hangs on this event until the process is killed (here: its task cancelled, so it acks
+    and naks nothing, as a dead process would)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def write_batch(self, events, dead_letters=()):
+        if any(s.event.event_id == "call-6-00" for s in events):
+            self.entered.set()
+            self.release.wait(10)
+            raise RuntimeError("never stored")
+        return super().write_batch(events, dead_letters)
+
+
+async def test_a_message_that_kills_ingest_every_time_is_dead_lettered_after_max_deliver(nats_url, tmp_path):
+    bus = replace(FAST_BUS, ack_wait_s=1.5, store_retry_s=0.5, max_deliver=2)
+    await init_bus(nats_url, bus)
+    nc = await connect(nats_url)
+    js = nc.jetstream()
+    poison = call_envelopes("call-6")[0]
+    await publish(js, poison)
+    for _ in range(bus.max_deliver):
+        store = HangingStore(tmp_path)
+        task = asyncio.create_task(ingest_once(nats_url, tmp_path, bus, until_idle=30, store=store))
+        while not store.entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        threading.Timer(0.2, store.release.set).start()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store.close()
+    # JetStream gives up after max_deliver and says so in an advisory; a healthy ingest dead-letters it.
+    await ingest_once(nats_url, tmp_path, bus, until_idle=1.0)
+    letters = await dlq_messages(js, bus)
+    assert len(letters) == 1 and letters[0].data == encode(poison)
+    assert letters[0].headers[CODE_HEADER] == "max_deliveries"
+    with SqliteStore(tmp_path) as store:
+        assert [d.code for d in store.dead_letters()] == ["max_deliveries"]
+    await nc.close()
