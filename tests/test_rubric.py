@@ -201,11 +201,12 @@ def test_pairs_do_not_give_the_label_away_by_length_or_stock_phrases(clean_pairs
         return Counter(s for t in texts for s in set(re.split(r"(?<=[.?!])\s+", t)) if s)
 
     in_chosen, in_rejected = sentences(chosen), sentences(rejected)
-    frequent = [s for s, n in in_chosen.items() if n >= 0.03 * len(chosen)]
-    # A stock sentence that is frequent in chosen answers also shows up in rejected ones, unless it is
-    # the rubric's own content (handing the case to staff).
-    only_chosen = [s for s in frequent if s not in in_rejected and not re.search(r"flag|schedul|staff", s, re.IGNORECASE)]
-    assert not only_chosen, only_chosen
+    # A stock sentence that is frequent in chosen answers also shows up in rejected ones (at a rate not
+    # far below, add-one smoothed), unless it is the rubric's own content (handing the case to staff).
+    tells = [s for s, n in in_chosen.items()
+             if n >= 0.03 * len(chosen) and (in_rejected[s] + 1) / len(rejected) < n / len(chosen) / 15
+             and not re.search(r"flag|schedul|staff", s, re.IGNORECASE)]
+    assert not tells, tells
 
 
 def test_csat_and_thumbs_follow_scores_with_noise():

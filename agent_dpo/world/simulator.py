@@ -291,12 +291,16 @@ def _person(rng: random.Random) -> tuple[str, str, str, str | None]:
     return first, last, phone, email
 
 
-def _salon_slots(rng: random.Random, today: date, svc: str, k: int, stylist: tuple[str, str] | None) -> list[Slot]:
+_HOURS = {"morning": (9, 11), "afternoon": (12, 16), "evening": (17, 18), "any": (9, 18)}
+
+
+def _salon_slots(rng: random.Random, today: date, tod: str, k: int, stylist: tuple[str, str] | None) -> list[Slot]:
     slots, seen = [], set()
+    lo, hi = _HOURS[tod]
     first = rng.randint(1, 4)
     while len(slots) < k:
         day = today + timedelta(days=first + rng.randint(0, 6))
-        hour, minute = rng.randint(9, 18), rng.choice((0, 15, 30, 45))
+        hour, minute = rng.randint(lo, hi), rng.choice((0, 15, 30, 45))
         if (day, hour, minute) in seen:
             continue
         seen.add((day, hour, minute))
@@ -357,13 +361,13 @@ def _salon_call(c: _Call, site: Site, today: date) -> None:
             c.assistant(rng.choice(("I can do that. Would you like to move it to another day instead?",
                                     "Sure. Before I cancel, would another time work for you?")))
             if rng.random() < 0.6:
-                c.user(rng.choice(("No, just cancel it please.", "No thanks, cancel it.", "Just cancel, I'm sick.")))
-                reason = "illness" if rng.random() < 0.3 else "customer_request"
-                args = {"appointment_id": apt_id, "reason": reason, "waive_late_fee": reason == "illness",
-                        "note": None if rng.random() < 0.7 else "Caller will rebook later."}
-                turn = c.use_tool("cancel_appointment", args, {"appointment_id": apt_id, "status": "cancelled",
-                                                                "late_fee": 0 if args["waive_late_fee"] else 15})
-                del turn
+                sick = rng.random() < 0.3
+                c.user("Just cancel, I'm sick." if sick else rng.choice(("No, just cancel it please.",
+                                                                         "No thanks, cancel it.")))
+                args = {"appointment_id": apt_id, "reason": "illness" if sick else "customer_request",
+                        "waive_late_fee": sick, "note": None if rng.random() < 0.7 else "Caller will rebook later."}
+                c.use_tool("cancel_appointment", args, {"appointment_id": apt_id, "status": "cancelled",
+                                                        "late_fee": 0 if sick else 15})
                 c.assistant(rng.choice((f"Done, appointment {apt_id} is cancelled. Thanks for letting us know.",
                                         "That's cancelled. Feel better, and call us when you'd like to rebook.",
                                         f"Okay, {apt_id} is cancelled.")))
@@ -373,7 +377,7 @@ def _salon_call(c: _Call, site: Site, today: date) -> None:
             scenario = "reschedule"
     tod = rng.choice(("morning", "afternoon", "evening", "any"))
     d_from = today + timedelta(days=1)
-    slots = _salon_slots(rng, today, svc, rng.randint(2, 5), stylist)
+    slots = _salon_slots(rng, today, tod, rng.randint(2, 5), stylist)
     args = {"service": svc, "date_from": d_from.isoformat(),
             "date_to": None if rng.random() < 0.5 else (d_from + timedelta(days=rng.randint(3, 10))).isoformat(),
             "time_of_day": tod, "stylist_id": stylist[0] if stylist else None, "location_id": site.site_id,
@@ -745,7 +749,7 @@ def simulate(n_calls: int, seed: int, agents: Iterable[str] = ALL_AGENTS, *, mal
     order), `duplicate_rate` of them twice under the same event id; feedback arrives up to days after
     the call. `malformed` contract-breaking messages are mixed in for dead-letter demos.
     `label_noise=False` turns off rater flips and CSAT scatter (rubric tests)."""
-    chosen = [example_agent(a) for a in agents]
+    chosen = [example_agent(a) for a in ((agents,) if isinstance(agents, str) else agents)]
     if not chosen:
         raise ValueError("simulate needs at least one agent")
     rng = WorldRandom(seed)
