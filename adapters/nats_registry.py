@@ -96,17 +96,26 @@ class NatsRegistry:
 
     async def list_manifests(self, tenant_id: str, agent_id: str) -> list[VersionManifest]:
         prefix = f"manifest.{tenant_id}.{agent_id}."
-        try:
-            keys = await self.kv.keys(filters=[prefix])
-        except nats.js.errors.NoKeysError:
-            return []
         out = []
-        for key in keys:
-            if key.startswith(prefix):
-                m = await self.get_manifest(tenant_id, agent_id, key[len(prefix):])
-                if m is not None:
-                    out.append(m)
+        for key in await self._keys(prefix + "*"):
+            m = await self.get_manifest(tenant_id, agent_id, key[len(prefix):])
+            if m is not None:
+                out.append(m)
         return sorted(out, key=lambda m: m.created_at)
+
+    async def _keys(self, pattern: str) -> list[str]:
+        """Live keys matching a subject pattern, filtered by the server (KeyValue.keys filters
+        client-side after reading every key of the bucket)."""
+        watcher = await self.kv.watch(pattern, meta_only=True, ignore_deletes=True)
+        keys = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                keys.append(entry.key)
+        finally:
+            await watcher.stop()
+        return keys
 
     # ---- rollout documents ----
 
@@ -164,12 +173,8 @@ class NatsRegistry:
         return out
 
     async def all_rollouts(self) -> list[tuple[RolloutDoc, int]]:
-        try:
-            keys = await self.kv.keys(filters=["rollout."])
-        except nats.js.errors.NoKeysError:
-            return []
         out = []
-        for key in keys:
+        for key in await self._keys("rollout.*.*"):
             _, tenant_id, agent_id = key.split(".")
             doc, rev = await self.get_rollout(tenant_id, agent_id)
             if doc is not None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent_dpo.errors import AgentDpoError
 from agent_dpo.logs import get_logger
 from agent_dpo.registry import (
     ModelRef,
@@ -145,6 +146,7 @@ class Router:
     async def connect(cls, url: str, **kwargs: Any) -> Router:
         """Own NATS connection, re-reading every rollout document after each reconnect."""
         import nats
+        import nats.errors
 
         from agent_dpo_adapters.nats_registry import NatsRegistry
 
@@ -154,8 +156,15 @@ class Router:
             if router is not None:
                 router.resync()
 
-        nc = await nats.connect(url, reconnected_cb=reconnected, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.2)
+        async def on_error(exc: Exception) -> None:
+            log.warning("router_nats_error", error=f"{type(exc).__name__}: {exc}"[:300])
+
+        try:
+            nc = await nats.connect(url, name="agent-dpo-router", reconnected_cb=reconnected, error_cb=on_error,
+                                    max_reconnect_attempts=2, reconnect_time_wait=0.2, connect_timeout=5)
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            raise AgentDpoError(f"router cannot connect to NATS at {url}: {type(exc).__name__}") from None
+        nc.options["max_reconnect_attempts"] = -1  # once up, a router never gives up reconnecting
         router = cls(await NatsRegistry.open(nc), **kwargs)
         router._nc = nc
         await router.start()

@@ -148,3 +148,47 @@ async def test_artifact_round_trip_and_digest_mismatch_is_refused(nats_url, tmp_
         await get_artifact(js, "acme.rebook.v2", digest, tmp_path / "cache2")
     assert not (tmp_path / "cache2" / digest.split(":")[1]).exists()
     await nc.close()
+
+
+def registry_cli(nats_url: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "agent_dpo.cli", "--log-level", "warning", "registry", *args,
+                           "--agent", "acme/rebook", "--nats-url", nats_url],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_registry_cli_moves_aliases_and_shows_the_audit_trail(registry, nats_url):
+    good = {"preference_accuracy": 0.92, "win_rate": 0.8, "tool_call_validity": 1.0,
+            "baseline_tool_call_validity": 1.0}
+    await registry.put_manifest(manifest("v1", eval=good))
+    await registry.put_manifest(manifest("v2", eval={**good, "win_rate": 0.3}))
+    steps = [
+        (("promote", "--version", "v1", "--by", "alice"), 0, "champion v1"),
+        (("canary", "--version", "v2"), 1, "win_rate 0.300 < 0.5"),
+        (("canary", "--version", "v2", "--force"), 0, "v2 in canary at 5%"),
+        (("status",), 0, "challenger v2 at 5%"),
+        (("promote",), 0, "champion v2 (previous v1)"),
+        (("rollback", "--reason", "csat dropped"), 0, "champion v1"),
+        (("rollback",), 1, "no previous version"),
+        (("promote", "--version", "v9"), 1, "no version v9"),
+    ]
+    for args, code, text in steps:
+        proc = await asyncio.to_thread(registry_cli, nats_url, *args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert text in (proc.stdout + proc.stderr), (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    proc = await asyncio.to_thread(registry_cli, nats_url, "status", "--json")
+    status = json.loads(proc.stdout)
+    assert status["rollout"]["champion"] == "v1" and status["rollout"]["state"] == "rolled_back"
+    assert [v["version"] for v in status["versions"]] == ["v1", "v2"]
+    history = json.loads((await asyncio.to_thread(registry_cli, nats_url, "history", "--json")).stdout)
+    assert [h["rollout"]["changed_by"] for h in history][0] == "alice"
+    assert history[-1]["rollout"]["reason"] == "csat dropped"
+
+
+def test_registry_cli_without_nats_is_one_line_exit_1():
+    proc = registry_cli("nats://127.0.0.1:1", "status")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot connect to NATS" in proc.stderr.strip().splitlines()[-1]
