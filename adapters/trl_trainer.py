@@ -134,7 +134,9 @@ def _lora(config: TrainConfig) -> Any:
 
 def _dataset(rows: list[dict]) -> Any:
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # one bar per phase (ours) is enough
     if not rows:
         raise AgentDpoError("no training rows for this phase (for KTO SFT: no desirable examples)")
     return Dataset.from_list(rows)

@@ -138,6 +138,9 @@ def test_kto_weights_prefer_config_then_meta_then_ratio():
     assert kto_weights(rows, {"kto_weights": {"desirable": 1.0, "undesirable": 2.5}},
                        TrainConfig(desirable_weight=0.7)) == (0.7, 1.0)
     assert kto_weights([{"label": True}, {"label": False}], {}, TrainConfig()) == (1.0, 1.0)
+    exported = {"format": "trl-kto", "kto": {"desirable_weight": 1.0, "undesirable_weight": 2.5714}}
+    assert kto_weights(rows, exported, TrainConfig()) == (1.0, 2.5714)
+    assert kto_weights(rows, {**exported, "format": "trl-dpo"}, TrainConfig()) == (0.33, 1.0)
 
 
 def test_dpo_refuses_kto_rows(tmp_path, tiny_model_dir, smollm2_store):
@@ -178,3 +181,29 @@ def test_real_smollm2_sft_then_dpo(tmp_path, smollm2_store):
     assert result.artifact_digest == artifact_digest(result.artifact_dir)
     config = json.loads((result.artifact_dir / "adapter_config.json").read_text())
     assert config["r"] == 16  # SFT rank 8 + DPO rank 8, stacked
+
+
+def run_cli(*args: str) -> "subprocess.CompletedProcess":
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_cli_runs_inline_and_prints_the_result(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    proc = run_cli("train", "--agent", "acme/salon", "--data", str(data), "--base-model", str(tiny_model_dir),
+                   "--base-is-sft", "--max-steps", "1", "--batch-size", "2", "--version", "v1",
+                   "--store", str(tmp_path / "store"), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["version"] == "v1" and result["sft_artifact_dir"] is None
+    assert Path(result["artifact_dir"]) == tmp_path / "store" / "runs" / "acme" / "salon" / "v1" / "adapter"
+    assert result["artifact_digest"] == artifact_digest(Path(result["artifact_dir"]))
+
+
+def test_train_cli_bad_input_is_one_line():
+    for args in (("train", "--max-steps", "2"), ("train", "--agent", "acme/salon", "--max-steps", "0")):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert "Traceback" not in proc.stderr

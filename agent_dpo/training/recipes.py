@@ -143,7 +143,10 @@ def kto_weights(rows: list[dict], meta: dict, config: TrainConfig) -> tuple[floa
     """(desirable_weight, undesirable_weight): the config's when set, else the meta's, else TRL's rule."""
     if config.desirable_weight is not None or config.undesirable_weight is not None:
         return (float(config.desirable_weight or 1.0), float(config.undesirable_weight or 1.0))
-    recorded = meta.get("kto_weights") if isinstance(meta, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    # The exporter records its weights under "kto"; they count the trl-kto file's own rows, so they
+    # hold only when that is the file being trained on (pairs expanded here are balanced anyway).
+    recorded = meta.get("kto_weights") or (meta.get("kto") if meta.get("format") == "trl-kto" else None)
     if isinstance(recorded, dict):
         desirable = recorded.get("desirable", recorded.get("desirable_weight"))
         undesirable = recorded.get("undesirable", recorded.get("undesirable_weight"))
