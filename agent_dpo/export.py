@@ -4,7 +4,9 @@ it. `agent-dpo pairs`, training and the demo all come through `export_dataset`.
 
 On the way out, in this order: the split side is picked (train, test or all), messages are redacted
 (default), rows are rendered, identical rows are kept once (sha256 of the row's canonical JSON without
-`meta`), and with `length_balance` the length-bias tail is dropped (lengthbias.py).
+`meta`), and with `length_balance` the length-bias tail is dropped (lengthbias.py). In `trl-kto`, an
+example whose prompt and completion appear with both labels (a greeting turn of a well-rated and of a
+badly rated call, say) drops as `conflicting_labels`.
 
 Tool-call `arguments`: JSON text in `openai-dpo` (as OpenAI takes them), a JSON object in the trl
 formats. Text that does not parse to a JSON object can only come from a message that is never
@@ -138,12 +140,17 @@ def _pair_body(pair: Pair, fmt: str, shape: _Shaper) -> dict[str, Any]:
     return row
 
 
-def _kto_body(prompt: list[dict], completion: dict, label: bool, tools: list[dict],
-              shape: _Shaper) -> dict[str, Any]:
-    row = {"prompt": shape.many(prompt), "completion": [shape.one(completion)], "label": label}
+def _kto_row(prompt: list[dict], completion: dict, label: bool, tools: list[dict], shape: _Shaper,
+             meta: dict[str, Any], signal: str) -> _Row:
+    """A KTO row; `example_key` identifies it without its label, to find one example labelled both ways.
+    The label goes first in the line (key order means nothing in JSON) so one serialization serves both."""
+    rest: dict[str, Any] = {"prompt": shape.many(prompt), "completion": [shape.one(completion)]}
     if tools:
-        row["tools"] = tools
-    return row
+        rest["tools"] = tools
+    text = _canonical(rest)
+    body = '{"label":' + ("true" if label else "false") + "," + text[1:]
+    return _Row(body, hashlib.sha256(body.encode()).hexdigest(), meta, signal, label=label,
+                example_key=hashlib.sha256(text.encode()).hexdigest())
 
 
 def _meta(item: Pair | KtoExample, **extra: Any) -> dict[str, Any]:
@@ -163,6 +170,7 @@ class _Row:
     signal: str
     label: bool | None = None
     lengths: tuple[int, int] | None = None  # pairs: chosen, rejected chars
+    example_key: str | None = None  # KTO: digest without the label
 
     def line(self) -> str:
         return self.body[:-1] + ',"meta":' + json.dumps(self.meta, ensure_ascii=False) + "}\n"
@@ -182,6 +190,18 @@ def _dedupe(rows: Iterable[_Row], drops: Counter) -> list[_Row]:
             continue
         seen.add(row.digest)
         kept.append(row)
+    return kept
+
+
+def _drop_conflicting_labels(rows: list[_Row], drops: Counter) -> list[_Row]:
+    """The same prompt and completion labelled desirable by one signal and undesirable by another
+    teaches nothing but noise (typically a greeting turn credited by good and bad CSAT calls alike):
+    every copy drops as `conflicting_labels`."""
+    labels: dict[str, set[bool]] = {}
+    for row in rows:
+        labels.setdefault(row.example_key, set()).add(row.label)
+    kept = [r for r in rows if len(labels[r.example_key]) == 1]
+    drops["conflicting_labels"] += len(rows) - len(kept)
     return kept
 
 
@@ -238,15 +258,14 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
     else:
         if include_pairs and length_balance:
             pairs, _ = _balance_pairs(pairs, [f"{p.call_id}/{p.signal}/{p.turn}" for p in pairs], shape, drops)
-        candidates = [_row(_kto_body(k.prompt, k.completion, k.label, k.tools, shape), _meta(k), k.signal,
-                           label=k.label) for k in kto]
+        candidates = [_kto_row(k.prompt, k.completion, k.label, k.tools, shape, _meta(k), k.signal) for k in kto]
         if include_pairs:
             for p in pairs:
-                candidates.append(_row(_kto_body(p.prompt, p.chosen, True, p.tools, shape),
-                                       _meta(p, from_pair="chosen"), p.signal, label=True))
-                candidates.append(_row(_kto_body(p.prompt, p.rejected, False, p.tools, shape),
-                                       _meta(p, from_pair="rejected"), p.signal, label=False))
-        rows = _dedupe(candidates, drops)
+                candidates.append(_kto_row(p.prompt, p.chosen, True, p.tools, shape,
+                                           _meta(p, from_pair="chosen"), p.signal))
+                candidates.append(_kto_row(p.prompt, p.rejected, False, p.tools, shape,
+                                           _meta(p, from_pair="rejected"), p.signal))
+        rows = _drop_conflicting_labels(_dedupe(candidates, drops), drops)
         length_after = length_stats([(shape.length(p.chosen), shape.length(p.rejected)) for p in pairs]
                                     if include_pairs else [])
         labels = Counter(r.label for r in rows)

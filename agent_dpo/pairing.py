@@ -62,7 +62,7 @@ DROP_REASONS = (
     "conflicting_thumbs", "overridden_by_thumbs", "csat_neutral", "csat_superseded",
     "csat_no_assistant_turns", "failed_tool_call_without_retry",
     # decided by the export, listed here so every reason is in one place
-    "duplicate", "length_balance",
+    "duplicate", "conflicting_labels", "length_balance",
 )
 
 Checker = Callable[[list[dict], str, str], ToolCallVerdict]

@@ -143,6 +143,13 @@ def test_identical_examples_are_emitted_once(tmp_path):
     assert summary.rows == 1 and summary.drops == {"duplicate": 2}
 
 
+def test_one_example_labelled_both_ways_is_dropped_from_kto(tmp_path):
+    liked, disliked = CallBuilder("a").basic().ended().csat(5), CallBuilder("b").basic().ended().csat(1)
+    with sqlite_store_with(tmp_path / "s", liked, disliked) as s:
+        summary = export_dataset(s, TENANT, AGENT, "trl-kto", tmp_path / "k.jsonl", split="all")
+    assert summary.rows == 0 and summary.drops == {"conflicting_labels": 4}
+
+
 def test_calls_split_deterministically_and_train_test_partition_all(store, tmp_path):
     sides = {}
     for split in ("train", "test", "all"):
