@@ -242,3 +242,16 @@ async def test_router_catches_up_after_nats_restarts(registry, nats_server, nats
     assert router.resolve("acme", "rebook", "after-outage").version == "v2"
     await router.stop()
     await nc.close()
+
+
+def test_bench_swap_prints_its_figures_last():
+    proc = subprocess.run([sys.executable, "-m", "agent_dpo.cli", "bench", "swap", "--calls", "20000",
+                           "--changes", "8", "--routers", "2", "--concurrent", "100"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    import re
+
+    m = re.fullmatch(r"swap: resolve p99 ([\d.]+) us, propagation p99 ([\d.]+) ms, mid-call switches (\d+)", last)
+    assert m, last
+    assert int(m.group(3)) == 0
