@@ -86,7 +86,7 @@ async def connect(url: str, auth: NatsAuth | None = None, *, name: str = "agent-
         # ... and, once connected, reconnects that never give up (nats-py reads this option on each one).
         nc.options["max_reconnect_attempts"] = -1
         return nc
-    except (OSError, nats.errors.Error, asyncio.TimeoutError, ssl.SSLError) as exc:
+    except (TimeoutError, OSError, nats.errors.Error, ssl.SSLError) as exc:
         detail = errors[-1] if errors else (str(exc) or type(exc).__name__)
         raise AgentDpoError(f"cannot connect to NATS at {url} (auth: {auth.describe()}): {detail}") from None
 
@@ -193,7 +193,7 @@ async def ensure_bus(js: JetStreamContext, bus: BusConfig, *, update: bool = Tru
         result[f"{bus.stream}/{bus.consumer}"] = status
     except nats.js.errors.APIError as exc:
         raise AgentDpoError(f"bus init failed: {exc.description or exc}") from None
-    except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.NoRespondersError):
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
         raise AgentDpoError("bus init failed: JetStream did not answer (is JetStream enabled?)") from None
     return result
 
@@ -296,7 +296,7 @@ class BatchPuller:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if self._buffer and len(self._buffer) == seen:
                     return self._take()  # nothing more for linger_s: hand out the partial batch
                 if not self._buffer and time.monotonic() >= deadline:
@@ -395,7 +395,7 @@ class Ingestor:
             await self._flush_dead_letter_records()
             try:
                 await self.nc.flush(timeout=5)
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.Error):
                 log.warning("ack_flush_failed")  # unflushed acks mean redelivery, and ingest is idempotent
         finally:
             if inflight is not None and not inflight.done():
@@ -419,7 +419,7 @@ class Ingestor:
             except nats.js.errors.NotFoundError:
                 raise AgentDpoError(f"consumer {self.bus.consumer} on stream {self.bus.stream} not found: "
                                     "run `agent-dpo bus init` first") from None
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 if self.stop.is_set():
                     raise AgentDpoError("stopped before the consumer could be bound") from None
                 log.warning("subscribe_retry", error=str(exc) or type(exc).__name__)
@@ -445,7 +445,7 @@ class Ingestor:
             return False
         try:
             info = await self.js.consumer_info(self.bus.stream, self.bus.consumer, timeout=2)
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
             return False
         outstanding = (info.num_pending or 0) + (info.num_ack_pending or 0)
         # Give up on waiting for outstanding messages after one full redelivery cycle.
@@ -472,7 +472,7 @@ class Ingestor:
                 raw = await self.js.get_msg(self.bus.stream, seq)
             except nats.js.errors.NotFoundError:
                 continue
-            except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
                 self._exhausted.append((seq, deliveries))  # try again after the next batch
                 return
             item = Incoming(0, raw.subject, raw.data or b"", seq, deliveries)
@@ -540,7 +540,7 @@ class Ingestor:
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(future), self.bus.ack_wait_s / 3)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("store_slow", events=len(events))
                 await self._progress(msgs)
 
@@ -600,7 +600,7 @@ class Ingestor:
         headers = {**rej.headers(), "Nats-Msg-Id": dead_letter_msg_id(self.bus.stream, item.stream_seq)}
         try:
             await self.js.publish(rej.rejection.dlq_subject, item.payload, headers=headers, timeout=5)
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             # Not acked: the message comes back and is dead-lettered on a later delivery.
             bound.warning("dead_letter_publish_failed", error=str(exc) or type(exc).__name__)
             return False

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from itertools import groupby
 from pathlib import Path
+from typing import Self
 
 from agent_dpo.calls import Call, StoredEvent, assemble_call
 from agent_dpo.events import Event, parse_event, subject_for
@@ -219,7 +220,7 @@ class SqliteStore:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> SqliteStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -229,9 +230,9 @@ class SqliteStore:
     def _stored(tenant_id: str, agent_id: str, etype: str, seq: int, payload: bytes) -> StoredEvent:
         # Stored payloads passed this same check on the way in; re-parsing gives back the exact Event.
         event = parse_event(subject_for(tenant_id, agent_id, etype), bytes(payload))
-        if not isinstance(event, Event):
-            raise RuntimeError(f"stored event at seq {seq} no longer parses: {event.reason}")
-        return StoredEvent(event, seq)
+        if isinstance(event, Event):
+            return StoredEvent(event, seq)
+        raise RuntimeError(f"stored event at seq {seq} no longer parses: {event.reason}")
 
 
 def _fetch_all(cursor: sqlite3.Cursor, lock: threading.Lock, size: int = 2000) -> Iterator[tuple]:

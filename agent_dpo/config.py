@@ -31,6 +31,7 @@ File (`--config PATH` or env `AGENT_DPO_CONFIG`), every key optional:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -198,21 +199,21 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
             if not isinstance(value, list) or any(isinstance(v, bool) for v in value):
-                raise ValueError("expected a list of numbers")
+                raise TypeError("expected a list of numbers")
             return tuple(float(v) for v in value)
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError("expected an integer")
+                raise TypeError("expected an integer")
             return int(value)
         if kind == "float":
             if isinstance(value, bool):
-                raise ValueError("expected a number")
+                raise TypeError("expected a number")
             number = float(value)
-            if number != number or number in (float("inf"), float("-inf")):
+            if not math.isfinite(number):
                 raise ValueError("expected a finite number")
             return number
         if not isinstance(value, str):
-            raise ValueError("expected a string")
+            raise TypeError("expected a string")
         return value
     except (TypeError, ValueError) as exc:
         raise AgentDpoError(f"config {where}: {exc}") from None

@@ -114,5 +114,15 @@ def dead_letter_msg_id(stream: str, stream_seq: int) -> str:
     return f"agentdpo-dlq-{stream}-{stream_seq}"
 
 
-__all__ = ["DLQ_PREFIX", "DLQ_UNKNOWN", "Incoming", "Rejected", "Triage", "triage", "store_failure", "undeliverable",
-           "dead_letter_headers", "dead_letter_msg_id"]
+__all__ = [
+    "DLQ_PREFIX",
+    "DLQ_UNKNOWN",
+    "Incoming",
+    "Rejected",
+    "Triage",
+    "dead_letter_headers",
+    "dead_letter_msg_id",
+    "store_failure",
+    "triage",
+    "undeliverable",
+]

@@ -13,7 +13,6 @@ import os
 import uuid
 
 import nats
-
 from agent_dpo_adapters.nats_publisher import EventPublisher
 
 BOOK_SLOT = {"type": "function", "function": {

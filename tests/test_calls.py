@@ -10,7 +10,7 @@ from agent_dpo.calls import StoredEvent, assemble_call
 from agent_dpo.events import Event, parse_event, subject_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_fixtures import call_envelopes, encode, envelope  # noqa: E402
+from ingest_fixtures import call_envelopes, encode, envelope
 
 
 def stored(envs, start_seq: int = 1) -> list[StoredEvent]:

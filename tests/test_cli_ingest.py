@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from agent_dpo.cli import main
+import structlog
 from agent_dpo_adapters.nats_server import port_open
 
+from agent_dpo.cli import main
+
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_fixtures import count_events  # noqa: E402
+from ingest_fixtures import count_events
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_DPO_")}
@@ -27,7 +28,7 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_DPO_
 
 def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 90):
     return subprocess.run([sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", *args],
-                          env={**CLEAN_ENV, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                          env={**CLEAN_ENV, **(env or {})}, cwd=cwd, capture_output=True, text=True, check=False,
                           timeout=timeout)
 
 
@@ -47,11 +48,11 @@ def test_bus_init_is_idempotent_and_applies_changed_settings(nats_url):
 def test_publish_ingest_status_from_the_command_line(nats_url, tmp_path):
     store = tmp_path / "store"
     pub = subprocess.run([sys.executable, str(ROOT / "examples" / "publish_one_call.py"), "--nats-url", nats_url],
-                         env=CLEAN_ENV, capture_output=True, text=True, timeout=60)
+                         env=CLEAN_ENV, capture_output=True, text=True, check=False, timeout=60)
     assert pub.returncode != 0  # no stream yet: the runtime's publish is refused, nothing is lost silently
     assert run("bus", "init", "--nats-url", nats_url).returncode == 0
     pub = subprocess.run([sys.executable, str(ROOT / "examples" / "publish_one_call.py"), "--nats-url", nats_url],
-                         env=CLEAN_ENV, capture_output=True, text=True, timeout=60)
+                         env=CLEAN_ENV, capture_output=True, text=True, check=False, timeout=60)
     assert pub.returncode == 0, pub.stderr
     ingest = run("ingest", "--nats-url", nats_url, "--store", str(store), "--until-idle", "0.5")
     assert ingest.returncode == 0, ingest.stderr
@@ -76,6 +77,15 @@ def test_publish_ingest_status_from_the_command_line(nats_url, tmp_path):
     (["status", "--json", "extra"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    # main() configures logging to this test's captured stderr; put the previous set-up back after.
+    logging_config = structlog.get_config()
+    try:
+        _check_one_line_exit_2(argv, message, capsys)
+    finally:
+        structlog.configure(**logging_config)
+
+
+def _check_one_line_exit_2(argv, message, capsys):
     try:
         code = main(argv)
     except SystemExit as exc:
@@ -108,7 +118,7 @@ def test_serve_starts_an_embedded_server_when_nothing_listens(tmp_path):
         assert Path(tmp_path / match.group(2)).resolve() == (tmp_path / ".agent-dpo" / "nats").resolve()
         assert proc.stdout.readline().startswith("serving:")
         pub = subprocess.run([sys.executable, str(ROOT / "examples" / "publish_one_call.py"),
-                              "--nats-url", match.group(1)], env=CLEAN_ENV, capture_output=True, text=True,
+                              "--nats-url", match.group(1)], env=CLEAN_ENV, capture_output=True, text=True, check=False,
                              timeout=60)
         assert pub.returncode == 0, pub.stderr
         deadline = time.monotonic() + 30

@@ -19,7 +19,7 @@ from agent_dpo.events import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_fixtures import encode, envelope  # noqa: E402
+from ingest_fixtures import encode, envelope
 
 TURN = {"turn": 0, "role": "user", "content": "Can I move my appointment?"}
 SUBJECT = subject_for("acme", "salon-rebook", "call.turn")

@@ -17,15 +17,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from agent_dpo.events import MAX_PAYLOAD_BYTES, subject_for
-from agent_dpo.ingest import CODE_HEADER, REASON_HEADER, SEQ_HEADER, SUBJECT_HEADER
 from agent_dpo_adapters.nats_bus import connect
 from agent_dpo_adapters.nats_server import EmbeddedNats
 from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
+from agent_dpo.events import MAX_PAYLOAD_BYTES, subject_for
+from agent_dpo.ingest import CODE_HEADER, REASON_HEADER, SEQ_HEADER, SUBJECT_HEADER
+
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_fixtures import (  # noqa: E402
+from ingest_fixtures import (
     FAST_BUS,
     call_envelopes,
     count_events,
@@ -251,7 +251,7 @@ async def test_sigkill_of_ingest_mid_stream_then_restart_gives_an_identical_stor
     assert 0 < killed_at < len(envs), "the kill should land mid-stream"
 
     proc = cli(*args, "--until-idle", "1", env=FAST_ENV)
-    out, err = proc.communicate(timeout=90)
+    _, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err[-2000:]
     assert snapshot(store) == snapshot(tmp_path / "reference")
     assert len([r for r in snapshot(store) if r[0] != "dead"]) == len(envs)

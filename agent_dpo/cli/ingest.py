@@ -10,7 +10,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from agent_dpo.cli.common import add_config_option, add_nats_option, add_store_option, nats_url, settings, store_dir
+from agent_dpo.cli.common import (
+    add_config_option,
+    add_nats_option,
+    add_store_option,
+    nats_url,
+    settings,
+    store_dir,
+)
 from agent_dpo.logs import get_logger
 
 

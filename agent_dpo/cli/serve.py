@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from agent_dpo.cli.common import DEFAULT_NATS_URL, add_config_option, add_nats_option, add_store_option, settings, store_dir
+from agent_dpo.cli.common import (
+    DEFAULT_NATS_URL,
+    add_config_option,
+    add_nats_option,
+    add_store_option,
+    settings,
+    store_dir,
+)
 from agent_dpo.cli.ingest import run_with_stop
 from agent_dpo.config import Settings
 from agent_dpo.logs import get_logger
