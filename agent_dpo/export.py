@@ -150,7 +150,7 @@ def _kto_row(prompt: list[dict], completion: dict, label: bool, tools: list[dict
     text = _canonical(rest)
     body = '{"label":' + ("true" if label else "false") + "," + text[1:]
     return _Row(body, hashlib.sha256(body.encode()).hexdigest(), meta, signal, label=label,
-                example_key=hashlib.sha256(text.encode()).hexdigest())
+                lengths=(shape.length(completion), 0), example_key=hashlib.sha256(text.encode()).hexdigest())
 
 
 def _meta(item: Pair | KtoExample, **extra: Any) -> dict[str, Any]:
@@ -169,7 +169,7 @@ class _Row:
     meta: dict[str, Any]
     signal: str
     label: bool | None = None
-    lengths: tuple[int, int] | None = None  # pairs: chosen, rejected chars
+    lengths: tuple[int, int] | None = None  # pairs: chosen, rejected chars; KTO: completion chars, 0
     example_key: str | None = None  # KTO: digest without the label
 
     def line(self) -> str:
@@ -240,7 +240,6 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
     kto = [k for k in examples.kto if on_side(k.call_id, k.side)]
     drops: Counter = Counter(d.reason for d in examples.drops if on_side(d.call_id))
     shape = _Shaper(fmt, redact)
-    length_before: LengthStats | None = None
     pair_lengths = [(shape.length(p.chosen), shape.length(p.rejected)) for p in pairs]
     length_before = length_stats(pair_lengths)
 
@@ -270,6 +269,9 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
                                     if include_pairs else [])
         labels = Counter(r.label for r in rows)
         weights = kto_weights(labels[True], labels[False])
+        weights["completion_mean_chars"] = {
+            name: round(sum(r.lengths[0] for r in rows if r.label is want) / max(labels[want], 1), 2)
+            for name, want in (("desirable", True), ("undesirable", False))}
 
     digest = _write(out, rows)
     counts = dict(sorted(Counter(r.signal for r in rows).items()))
@@ -296,9 +298,16 @@ def export_dataset(store: EventStore, tenant_id: str, agent_id: str, fmt: str, o
 
 def _write(out: Path, rows: list[_Row]) -> str:
     """Write the rows atomically (a reader never sees half a file); sha256 of the bytes written."""
-    data = "".join(r.line() for r in rows).encode()
-    _atomic_write(out, data)
-    return hashlib.sha256(data).hexdigest()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as f:
+        for row in rows:
+            data = row.line().encode()
+            digest.update(data)
+            f.write(data)
+    os.replace(tmp, out)
+    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

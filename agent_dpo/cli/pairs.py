@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
     kto = meta["kto"]
     if summary.format == "trl-kto":
         print(f"kto: {kto['n_desirable']} desirable, {kto['n_undesirable']} undesirable; "
-              f"desirable_weight {kto['desirable_weight']}, undesirable_weight {kto['undesirable_weight']}",
-              file=out)
+              f"desirable_weight {kto['desirable_weight']}, undesirable_weight {kto['undesirable_weight']}; "
+              f"completion mean chars {kto['completion_mean_chars']['desirable']} desirable / "
+              f"{kto['completion_mean_chars']['undesirable']} undesirable", file=out)
     return 0
 
 
