@@ -124,6 +124,23 @@ def base_ref(tenant_id: str, agent_id: str, base_model: str, backend: str = "loc
     return ModelRef(tenant_id, agent_id, None, backend, base_model, base_model, "base")
 
 
+def manifest_for(tenant_id: str, agent_id: str, result: Any, *, artifact_name: str = "",
+                 artifact_digest: str | None = None, eval_result: dict[str, Any] | None = None,
+                 parent: str | None = None, data_digest: str = "", event_range: dict[str, Any] | None = None,
+                 hyperparameters: dict[str, Any] | None = None) -> VersionManifest:
+    """The manifest of a finished training run (`agent_dpo.training.backend.TrainResult`): local
+    trainers produce an adapter in the object store, hosted ones (OpenAI) an `ft:` id to call."""
+    hosted = result.backend == "openai"
+    digest = artifact_digest or result.artifact_digest or ""
+    return VersionManifest(
+        tenant_id=tenant_id, agent_id=agent_id, version=result.version, base_model=result.base_model,
+        backend="openai" if hosted else "local", serve_name=result.serve_name or "",
+        artifact=ArtifactRef(store="none" if hosted else "nats-object", name=artifact_name, digest=digest),
+        data_digest=data_digest, event_range=event_range or {}, method=result.method,
+        hyperparameters=hyperparameters or {}, eval=eval_result or {}, parent=parent,
+    )
+
+
 # ---- KV keys: one token per tenant and agent keeps every tenant's keys apart. ----
 
 def manifest_key(tenant_id: str, agent_id: str, version: str) -> str:

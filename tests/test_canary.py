@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_fixtures import manifest  # noqa: E402
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (pytest fixtures)
 
 GOOD_EVAL = {"version": "v2", "baseline": "v1", "n": 60, "preference_accuracy": 0.93, "win_rate": 0.8,
              "win_rate_ci": [0.7, 0.88], "tool_call_validity": 0.97, "baseline_tool_call_validity": 0.95}
@@ -233,3 +234,78 @@ async def test_a_restarted_controller_resumes_at_the_kv_step(registry, nats_url)
     actions = await run_canary(registry, router, second, {"v1": 0.7, "v2": 0.8}, rng)
     assert [a for a in actions if a != "hold"] == ["advance", "advance", "promote"]
     await router.stop()
+
+
+# ---- end to end: a version trained by the TRL recipe, served by the local PEFT backend ----
+
+@pytest.mark.slow
+async def test_a_trained_version_reaches_champion_and_a_worse_one_is_rolled_back(
+        registry, nc, nats_url, tiny_model_dir, smollm2_store, tmp_path):
+    from test_serving import make_adapter
+    from test_training import pair_rows, tiny_job
+
+    from agent_dpo.registry import manifest_for
+    from agent_dpo.training.backend import get_backend
+    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
+    from agent_dpo_adapters.local_serving import LocalPeftBackend
+    from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
+
+    js = nc.jetstream()
+    job = tiny_job(tmp_path, tiny_model_dir, smollm2_store, pair_rows(), sft_steps=1, max_steps=2)
+    job.tenant_id, job.agent_id, job.version = "acme", "rebook", "dpo-good"
+    trained = get_backend("trl").train(job, lambda _p: None)
+    name = "acme/rebook/dpo-good"
+    digest = await put_artifact(js, name, trained.artifact_dir)
+    assert digest == trained.artifact_digest
+    await registry.put_manifest(manifest_for("acme", "rebook", trained, artifact_name=name, eval_result=GOOD_EVAL,
+                                             parent="v1"))
+    bad_dir = make_adapter(tiny_model_dir, tmp_path / "bad", seed=9)
+    bad_digest = await put_artifact(js, "acme/rebook/dpo-bad", bad_dir)
+    await registry.put_manifest(manifest_for("acme", "rebook", trained.__class__(**{
+        **vars(trained), "version": "dpo-bad", "artifact_digest": bad_digest}),
+        artifact_name="acme/rebook/dpo-bad", eval_result=GOOD_EVAL))
+
+    async def fetch(ref):
+        return await get_artifact(js, ref.artifact_name, ref.artifact_digest, tmp_path / "cache")
+
+    base = str(tiny_model_dir)
+    backend = LocalPeftBackend(load_model(base, tmp_path), load_tokenizer(base, tmp_path), fetch,
+                               base_model=base, max_new_tokens=4)
+    router = Router(registry, backend, base_model=base)
+    await router.start()
+    # The champion so far is the base model (no version): outcomes with version None are its arm.
+    await registry.change_rollout("acme", "rebook", lambda d: d.model_copy(update={"champion": None}))
+    quality = {None: 0.7, "v1": 0.7, "dpo-good": 0.8, "dpo-bad": 0.5}
+
+    async def canary(version: str, seed: int) -> list[str]:
+        controller = CanaryController(registry, POLICY)
+        assert (await controller.start("acme", "rebook", version, GOOD_EVAL)).action == "start"
+        actions = await run_canary(registry, router, controller, quality, random.Random(seed))
+        # Real generation through the pinned adapter, for a call on each arm.
+        for i in range(2):
+            ref = router.resolve("acme", "rebook", f"real-{version}-{i}")
+            answer = await backend.chat(ref, [{"role": "user", "content": "Tuesday?"}])
+            assert answer.message["role"] == "assistant"
+            router.release(f"real-{version}-{i}")
+        return actions
+
+    actions = await canary("dpo-good", 4)
+    assert [a for a in actions if a != "hold"] == ["advance", "advance", "advance", "promote"]
+    doc, _ = await registry.get_rollout("acme", "rebook")
+    assert (doc.champion, doc.state) == ("dpo-good", "stable")
+
+    actions = await canary("dpo-bad", 5)
+    assert actions[-1] == "rollback"
+    doc, _ = await registry.get_rollout("acme", "rebook")
+    assert (doc.champion, doc.challenger, doc.state) == ("dpo-good", None, "rolled_back")
+    await wait_unloaded(backend, "acme__rebook__dpo-bad")
+    assert backend.adapters == {"acme__rebook__dpo-good"}
+    await router.stop()
+
+
+async def wait_unloaded(backend, name: str) -> None:
+    for _ in range(500):
+        if name not in backend.adapters:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name} still loaded")
