@@ -242,15 +242,19 @@ class BatchPuller:
             self._sub = None
 
     async def _on_msg(self, msg: Msg) -> None:
-        headers = msg.headers
-        status = headers.get("Status") if headers else None
-        if status is not None and not msg.data:
+        if not msg.reply:
+            # No ack subject: a status from JetStream, not a stream message (those always have one).
+            headers = msg.headers or {}
+            status = headers.get("Status", "")
             if status == "100":
                 return  # idle heartbeat or flow control
             self._open = False
             if status == "409":
                 # e.g. "Exceeded MaxAckPending", "Leadership Change": wait a moment before asking again.
-                self.last_status = f"{status} {headers.get('Description', '')}".strip()
+                text = f"{status} {headers.get('Description', '')}".strip()
+                if text != self.last_status:
+                    log.warning("pull_status", status=text)
+                self.last_status = text
                 self._pause_until = time.monotonic() + 0.1
             self._wake.set()
             return
