@@ -27,9 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7, help="the world's seed (default 7)")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--agent", action="append", metavar="TENANT/AGENT",
-                        help=f"only this agent (repeatable); default all: {', '.join(a.key for a in AGENTS.values())}")
+                        help="only this agent (repeatable); default all: "
+                             + ", ".join(a.key for a in AGENTS.values()))
     parser.add_argument("--malformed", type=int, default=0,
-                        help="mix in this many contract-breaking messages (they go to the dead-letter stream)")
+                        help="mix in this many contract-breaking messages (dead-letter demo)")
     parser.add_argument("--duplicate-rate", type=float, default=0.004, help="share of events re-sent (default 0.004)")
     parser.add_argument("--init-bus", action="store_true", help="create the event streams first (as `bus init`)")
     args = parser.parse_args(argv)

@@ -247,7 +247,8 @@ def test_every_stock_phrase_carries_the_feature_the_simulator_labels_it_with():
     for pattern, bank in marked.items():
         missing = [s for s in bank if not pattern.search(fill(s))]
         assert not missing, (pattern.pattern[:40], missing)
-    neutral = (A.INTRO_NEUTRAL + A.Q_PLAIN + A.TAIL_NEUTRAL + A.SLOT_LEADS + A.CONFIRM_LEADS + A.CONFIRM_NOTICE
+    neutral = (A.INTRO_NEUTRAL + A.Q_PLAIN + A.TAIL_NEUTRAL + A.SLOT_LEADS + A.CONFIRM_LEADS
+               + A.CONFIRM_NOTICE
                + A.ALT_LEADS + A.R_Q_PLAIN + A.R_CONFIRM + A.R_NOTICE + A.R_IGNORE + A.R_IGNORE_MORE)
     for pattern in (R._PUSHY, R._UPSELL_SALON, R._VAGUE, R._ACKNOWLEDGE):
         hits = [s for s in neutral if pattern.search(fill(s))]

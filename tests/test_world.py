@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections import Counter, defaultdict
 
 import nats
@@ -16,6 +17,8 @@ from agent_dpo.events import Event, Rejection, parse_event, subject_for
 from agent_dpo.toolcheck import check_tool_call
 from agent_dpo.world.agents import AGENTS, example_agent
 from agent_dpo.world.simulator import (
+    BREAKS,
+    break_tool_call,
     count_by_type,
     live_feedback,
     live_prompts,
@@ -30,8 +33,10 @@ def _bytes(envs: list[dict]) -> bytes:
 
 
 def _parse(env: dict) -> Event | Rejection:
-    return parse_event(subject_for(env["tenant_id"], env["agent_id"], env["type"]),
-                       json.dumps(env, separators=(",", ":")).encode())
+    return parse_event(
+        subject_for(env["tenant_id"], env["agent_id"], env["type"]),
+        json.dumps(env, separators=(",", ":")).encode(),
+    )
 
 
 def _calls(envs: list[dict]) -> list[Call]:
@@ -100,8 +105,12 @@ def test_arrival_is_interleaved_partly_out_of_order_with_resends(world, calls):
         last_ts[env["call_id"]] = max(env["ts"], last_ts.get(env["call_id"], ""))
     assert late > 0
     # Some feedback arrives days after the call ended.
-    days_later = [c for c in calls for f in c.feedback
-                  if (f.ts - max(t.ts for t in c.turns.values())).total_seconds() > 86_400]
+    days_later = [
+        c
+        for c in calls
+        for f in c.feedback
+        if (f.ts - max(t.ts for t in c.turns.values())).total_seconds() > 86_400
+    ]
     assert days_later
 
 
@@ -109,9 +118,13 @@ def test_calls_are_multi_turn_voice_and_chat_with_asr_and_barge_ins(calls):
     channels = Counter(c.started.channel for c in calls)
     assert channels["voice"] > channels["chat"] > 0 and channels["sms"] > 0
     assert sum(len(c.turns) for c in calls) / len(calls) > 6
-    voice_user = [t for c in calls if c.started.channel == "voice" for t in c.turns.values() if t.role == "user"]
+    voice_user = [
+        t for c in calls if c.started.channel == "voice" for t in c.turns.values() if t.role == "user"
+    ]
     assert all(t.asr_confidence is not None and 0 <= t.asr_confidence <= 1 for t in voice_user)
-    chat_user = [t for c in calls if c.started.channel != "voice" for t in c.turns.values() if t.role == "user"]
+    chat_user = [
+        t for c in calls if c.started.channel != "voice" for t in c.turns.values() if t.role == "user"
+    ]
     assert all(t.asr_confidence is None for t in chat_user)
     assert any(t.interrupted for c in calls for t in c.turns.values())
     outcomes = Counter(c.ended.outcome for c in calls)
@@ -142,6 +155,13 @@ def test_tool_calls_validate_except_the_invalid_ones_which_are_retried_validly(c
                 retried += 1
     assert failures > 20 and retried == failures
     assert {"invalid_json", "unknown_tool", "schema_violation"} <= set(codes)
+    used = {
+        tc.name
+        for call in calls
+        for tc in call.tool_calls
+        if check_tool_call(call.tools, tc.name, tc.arguments).ok
+    }
+    assert used == {t["function"]["name"] for a in AGENTS.values() for t in a.tools}  # every tool, validly
     assert errors > failures  # some valid calls failed in the service and were simply repeated
 
 
@@ -180,14 +200,21 @@ def test_live_prompts_end_where_the_model_must_answer_and_feedback_follows_the_a
         slots = json.loads(p.messages[-1]["content"])["slots"]
         s = slots[0]
         hour, minute = map(int, s["start"].split(":"))
-        good = (f"Thanks for waiting. I have {s['date']} at {hour % 12 or 12}:{minute:02d} "
-                f"{'pm' if hour >= 12 else 'am'} with {s['stylist']['name']}. Would that work for you?")
+        good = (
+            f"Thanks for waiting. I have {s['date']} at {hour % 12 or 12}:{minute:02d} "
+            f"{'pm' if hour >= 12 else 'am'} with {s['stylist']['name']}. Would that work for you?"
+        )
         pushy = "You need to book right now, we're nearly full. Decide now."
         good_score, good_envs = live_feedback(p, good, seed=1)
         bad_score, bad_envs = live_feedback(p, pushy, seed=1)
         assert good_score > 0.8 and bad_score < 0.3
         for envs in (good_envs, bad_envs):
-            assert [e["type"] for e in envs] == ["call.turn", "call.ended", "feedback.csat", "feedback.thumbs"]
+            assert [e["type"] for e in envs] == [
+                "call.turn",
+                "call.ended",
+                "feedback.csat",
+                "feedback.thumbs",
+            ]
             assert all(isinstance(_parse(e), Event) for e in envs)
             assert envs[0]["data"]["turn"] == p.turn
         assert good_envs[3]["data"]["up"] or bad_envs[3]["data"]["up"] is False
@@ -225,8 +252,35 @@ def test_example_script_publishes_and_prints_counts(nats_url, capsys):
     spec = importlib.util.spec_from_file_location("simulate_calls", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    argv = ["--calls", "40", "--seed", "4", "--nats-url", nats_url, "--init-bus",
-            "--agent", "acme-salons/salon-rebook"]
+    argv = [
+        "--calls",
+        "40",
+        "--seed",
+        "4",
+        "--nats-url",
+        nats_url,
+        "--init-bus",
+        "--agent",
+        "acme-salons/salon-rebook",
+    ]
     assert script.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("published ") and "call.ended                   40" in out
+
+
+def test_every_way_of_breaking_a_call_really_fails_its_schema(calls):
+    seen = set()
+    rng = random.Random(0)
+    for call in calls:
+        for tc in call.tool_calls:
+            if tc.name in seen or not check_tool_call(call.tools, tc.name, tc.arguments).ok:
+                continue
+            seen.add(tc.name)
+            args = json.loads(tc.arguments)
+            for kind in BREAKS:
+                name, text, error = break_tool_call(rng, call.agent_id, tc.name, args, kind)
+                verdict = check_tool_call(call.tools, name, text)
+                assert not verdict.ok and error, (tc.name, kind, text)
+                if kind == "unknown_tool":
+                    assert verdict.code == "unknown_tool"
+    assert len(seen) == 9

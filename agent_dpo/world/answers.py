@@ -135,21 +135,24 @@ INTRO_POLITE = ("Thanks for waiting.", "Thank you for holding.", "Thanks for you
                 "No problem at all.", "Sorry for the wait.", "Thanks, I have it here.")
 Q_POLITE = ("Would either of those work for you?", "Which one would you like?", "Does one of those work?",
             "Would you like me to book one of them?", "Would any of those work for you?",
-            "Do any of those suit you?", "Would you like one of those?", "Would you like the earlier or the later one?",
+            "Do any of those suit you?", "Would you like one of those?",
+            "Would you like the earlier or the later one?",
             "Does that sound okay?", "Would that work for you?", "Which would you like me to hold?",
             "Would you like me to go ahead with one of those?")
 Q_PLAIN = ("Which one?", "Which do you want?", "Any of those good?", "Which one works?",
            "Want one of those?", "Which one should I take?", "First or second?", "Which suits?",
            "Do you want the first one?", "Should I book the earlier one?", "Which time?")
-TAIL_POLITE = ("I'm happy to look at other days too.", "If you'd prefer a different stylist, I can check that as well.",
+TAIL_POLITE = ("I'm happy to look at other days too.",
+               "If you'd prefer a different stylist, I can check that as well.",
                "If you'd like, I can send the details by text.", "Happy to check the following week as well.",
                "I can look at evenings too, if you'd like.", "Thanks again for calling us.")
 TAIL_NEUTRAL = ("That's about {dur} minutes.", "That's at our {site} location.", "That's for the {svc}.",
-                "Those are the earliest I can see.", "All of those are at {site}.", "The {svc} takes about {dur} minutes.",
+                "Those are the earliest I can see.", "All of those are at {site}.",
+                "The {svc} takes about {dur} minutes.",
                 "Those are with {who}.", "I can only see those for now on the calendar.")
 
 
-# ---- salon: offering slots after find_slots -----------------------------------------------------------------
+# ---- salon: offering slots after find_slots ----------------------------------------------------------------
 
 SLOT_LEADS = ("I have {list}.", "I can offer {list}.", "There's {list}.", "We have {list}.",
               "The calendar shows {list}.", "I've got {list}.", "I can get you in {list}.",
@@ -179,8 +182,10 @@ UPSELL = ("While you're here, would you like to add a deep conditioning treatmen
           "If you join our loyalty club today you'd get a premium product kit.",
           "Would you like the premium {svc}? It includes a scalp ritual.",
           "I could add a facial for only $30 while you're at it.")
-VAGUE = ("We have some openings later in the week.", "There's availability here and there, it depends on the stylist.",
-         "We should be able to fit you in sometime next week.", "Things usually open up in the afternoons, so probably then.",
+VAGUE = ("We have some openings later in the week.",
+         "There's availability here and there, it depends on the stylist.",
+         "We should be able to fit you in sometime next week.",
+         "Things usually open up in the afternoons, so probably then.",
          "We're pretty open next week, so whenever works.", "There are a few spots around then, I think.",
          "Sometime next week should be fine.", "We have availability in the coming days.",
          "There are some times on {day_word}, probably.", "It depends, but there's plenty of room most days.",
@@ -266,8 +271,10 @@ def _invent(rng: random.Random, s: Slot, avoid: set[tuple[int, int]]) -> Slot:
 
 # ---- salon: confirming a booking ---------------------------------------------------------------------------
 
-CONFIRM_LEADS = ("You're all set: {svc} on {slot}.", "Done, you're booked for {slot}.", "I've booked {slot} for your {svc}.",
-                 "Great, that's {slot} for the {svc}.", "Your {svc} is now {slot}.", "Okay, I have you down for {slot}.",
+CONFIRM_LEADS = ("You're all set: {svc} on {slot}.", "Done, you're booked for {slot}.",
+                 "I've booked {slot} for your {svc}.",
+                 "Great, that's {slot} for the {svc}.", "Your {svc} is now {slot}.",
+                 "Okay, I have you down for {slot}.",
                  "That's confirmed for {slot}.", "All booked: {slot}.", "I've moved you to {slot}.")
 CONFIRM_NOTICE = ("You'll get a text confirmation shortly.", "I've sent the details to your email.",
                   "We'll text you a reminder the day before.", "A confirmation is on its way by text.",
@@ -320,13 +327,13 @@ def salon_confirm(rng: random.Random, style: str, slot: Slot, *, svc: str) -> tu
                               pushy=style == "pushy", upsell=style == "upsell")
 
 
-# ---- resolver: settling the conflict after lookup and availability ------------------------------------------
+# ---- resolver: settling the conflict after lookup and availability -----------------------------------------
 
 ACK = {
     "double_booking": ("I see your {spec} visit with {dr} at {t1} overlaps your {other} at {t2} on {day}.",
                        "It looks like you're double-booked on {day}: {dr} at {t1} and your {other} at {t2}.",
                        "Your {other} at {t2} and your {spec} appointment at {t1} on {day} clash.",
-                       "You have two appointments at the same time on {day}, the {spec} visit and the {other}.",
+                       "You have two appointments at the same time on {day}: {spec} and the {other}.",
                        "There's a conflict on {day}: {dr} at {t1} runs into your {other} at {t2}."),
     "provider_away": ("{dr} is out of the office on {day}, so your {t1} visit can't go ahead.",
                       "I see {dr} is on leave that week, which affects your {day} appointment.",
@@ -334,7 +341,7 @@ ACK = {
                       "Your {spec} visit on {day} is affected because {dr} is unavailable that day.",
                       "There's a conflict with your {t1} appointment: {dr} is out on {day}."),
     "facility_closure": ("The {site} is closed on {day}, so your {t1} appointment has to move.",
-                         "Because of a closure at {site} on {day}, your {spec} visit at {t1} needs a new time.",
+                         "Because of a closure at {site} on {day}, your {t1} visit needs a new time.",
                          "{site} will be closed for maintenance on {day}, which affects your {t1} visit.",
                          "Your {day} appointment conflicts with a closure at {site}."),
 }
@@ -357,13 +364,16 @@ FLAG_TEXT = ("I've flagged this for our scheduling team, and they'll call you wi
              "A staff member will call you tomorrow; I've flagged it as {urgency}.")
 SORRY = ("I'm sorry about the trouble.", "Sorry for the inconvenience.", "I apologize for the mix-up.",
          "Thank you for letting us know.", "I understand, that's frustrating.")
-R_VAGUE = ("I'll make a note of it and someone will get back to you.", "We'll look into it and somebody will call at some point.",
+R_VAGUE = ("I'll make a note of it and someone will get back to you.",
+           "We'll look into it and somebody will call at some point.",
            "It depends on the provider's schedule, so try calling back later.",
            "There's probably something in the coming weeks; the office will reach out.",
            "I'm not sure what's open, someone will contact you.", "We'll sort it out when we can.",
            "It should be fine, they usually work these things out.", "Things open up all the time, so probably soon.")
-R_IGNORE = ("You're all set for {day} at {t1} with {dr}.", "Everything looks fine on my end; your {spec} appointment is {day} at {t1}.",
-            "I see your {spec} visit on {day} at {t1}, that's confirmed.", "Your appointment with {dr} is still {day} at {t1}.",
+R_IGNORE = ("You're all set for {day} at {t1} with {dr}.",
+            "Everything looks fine on my end; your {spec} appointment is {day} at {t1}.",
+            "I see your {spec} visit on {day} at {t1}, that's confirmed.",
+            "Your appointment with {dr} is still {day} at {t1}.",
             "Nothing to change, you're booked with {dr} on {day}.")
 R_IGNORE_MORE = ("Your reminder will come the day before.", "Bring your insurance card and a photo ID.",
                  "Check-in opens 15 minutes before.", "Parking is in the garage on the east side.",
@@ -446,7 +456,8 @@ R_CONFIRM = ("All done: your {spec} visit is now {slot}.", "You're moved to {slo
 R_NOTICE = ("You'll get a text with the details.", "A confirmation is on its way to your patient portal.",
             "We'll send an email confirmation.", "We'll call you the day before as a reminder.",
             "Plan to arrive 10 minutes early for check-in.", "")
-R_CONFIRM_VAGUE = ("Okay, it should be moved now, I think.", "That's probably updated, someone will confirm at some point.",
+R_CONFIRM_VAGUE = ("Okay, it should be moved now, I think.",
+                   "That's probably updated, someone will confirm at some point.",
                    "I think it went through, not sure.", "It should be fine, you'll hear from the office.")
 
 

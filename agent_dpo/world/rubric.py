@@ -115,18 +115,23 @@ _WEEKDAY = re.compile(r"\b(" + "|".join(d[:3] for d in _WEEKDAYS) + r")[a-z]*\b"
 _POLITE = re.compile(
     r"\b(please|thank(?:s| you)|happy to|glad to|my pleasure|of course|certainly|absolutely|sorry|"
     r"apologi[sz]e|i understand|no problem|you'?re welcome|would you like|if you'?d (?:like|prefer)|"
-    r"(?:does|do|would|will) (?:that|either|either of those|one of those|any of those|those|one|any) (?:work|suit|sound)|"
-    r"whichever|what(?:ever)? works best|take care|have a (?:great|good|lovely|nice)|appreciate)\b", re.IGNORECASE)
+    r"(?:does|do|would|will) (?:that|either|either of those|one of those|any of those|those|one|any) "
+    r"(?:work|suit|sound)|"
+    r"whichever|what(?:ever)? works best|take care|have a (?:great|good|lovely|nice)|appreciate)\b",
+    re.IGNORECASE)
 _CONFIRMS = re.compile(
     r"\?|\b(shall i|should i|would you like|want me to|do you want|let me know which|"
     r"just say which|tell me which|which (?:one|of those|would|works|suits))\b", re.IGNORECASE)
 _PUSHY = re.compile(
-    r"\b((?:you|you'll|you've) (?:really )?(?:need|have|must|got) to (?:book|decide|grab|take|lock|commit|choose|"
+    r"\b((?:you|you'll|you've) (?:really )?(?:need|have|must|got) to "
+    r"(?:book|decide|grab|take|lock|commit|choose|"
     r"pick|confirm|do)|you must\b|hurry|last chance|now or never|"
     r"won'?t last|(?:go|goes|going) fast|before (?:it'?s|they'?re|it is|they are) gone|"
-    r"(?:don'?t|do not) (?:wait|delay|think too long|miss out|be late)|no time to waste|or (?:you'?ll|you will) lose|"
+    r"(?:don'?t|do not) (?:wait|delay|think too long|miss out|be late)|no time to waste|"
+    r"or (?:you'?ll|you will) lose|"
     r"i'?d (?:grab|lock|take) it (?:in )?(?:now|today)|decide (?:now|quickly|fast)|can'?t hold|"
-    r"(?:there'?s|there is) no guarantee|(?:should|better) (?:book|decide|grab|commit|take it)\w* (?:now|today)|"
+    r"(?:there'?s|there is) no guarantee|"
+    r"(?:should|better) (?:book|decide|grab|commit|take it)\w* (?:now|today)|"
     r"(?:just|simply) (?:book|take) it|(?:only|just) (?:one|two|a couple) left)\b", re.IGNORECASE)
 _UPSELL_SALON = re.compile(
     r"\b(add[- ]?ons?|package|upgrade|bundle|membership|premium|deluxe|treatments?|gloss|conditioning|"
@@ -138,10 +143,12 @@ _UPSELL_RESOLVER = re.compile(
     r"executive (?:physical|health)|while you'?re (?:here|at it)|for (?:just|only) \$?\d+|"
     r"special offer|self-pay (?:package|bundle))\b", re.IGNORECASE)
 _VAGUE = re.compile(
-    r"\b(some (?:times|openings|slots|availability|options|spots)|a few (?:openings|times|slots|options|spots)|"
+    r"\b(some (?:times|openings|slots|availability|options|spots)|"
+    r"a few (?:openings|times|slots|options|spots)|"
     r"sometime|at some point|we have availability|(?:there'?s|there is) availability|things? open(?:s)? up|"
     r"should be able to|probably|around then|various times|here and there|get back to you|"
-    r"(?:someone|somebody) will (?:call|reach|contact|get)|look into it|in (?:the )?(?:coming|next) (?:days|week)s?|"
+    r"(?:someone|somebody) will (?:call|reach|contact|get)|look into it|"
+    r"in (?:the )?(?:coming|next) (?:days|week)s?|"
     r"(?:a|one) of these days|when (?:we|they) can|try (?:calling )?(?:again|back) later|not sure|"
     r"(?:it )?depends|(?:fairly|pretty) open|plenty of (?:time|room|openings)|i think|something like that|"
     r"should be (?:fine|in|on|good|booked|all set|moved))\b", re.IGNORECASE)
@@ -155,7 +162,8 @@ _FLAG = re.compile(
     r"worklist|(?:passed|handed|sent|referred) (?:this|it|your case) (?:on )?to|front desk team|"
     r"our schedulers?|a (?:scheduler|coordinator))\b", re.IGNORECASE)
 
-_WHEN = re.compile(r"\b(today|tomorrow|tonight|business days?|\d+ hours?|this (?:afternoon|evening))\b", re.IGNORECASE)
+_WHEN = re.compile(r"\b(today|tomorrow|tonight|business days?|\d+ hours?|this (?:afternoon|evening))\b",
+                   re.IGNORECASE)
 
 _SLOT_KEYS = frozenset({"slots", "slot", "new_slot", "available", "availability", "openings"})
 _TIME_KEYS = frozenset({"start", "start_time", "time", "starts_at"})
@@ -305,9 +313,12 @@ def _check(tools: list[dict[str, Any]], name: str, arguments: str) -> bool:
 
 
 def extract_features(agent_id: str, prompt_messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-                     answer_message: dict[str, Any] | str, ctx: _Context | None = None) -> tuple[Features, Situation]:
+                     answer_message: dict[str, Any] | str,
+                     ctx: _Context | None = None) -> tuple[Features, Situation]:
     """Read the rubric's features off an answer's text and tool calls, in its context."""
-    answer = {"role": "assistant", "content": answer_message} if isinstance(answer_message, str) else answer_message
+    answer = answer_message
+    if isinstance(answer, str):
+        answer = {"role": "assistant", "content": answer}
     ctx = ctx or read_context(prompt_messages)
     text = answer.get("content") or ""
     times = answer_times(text)

@@ -40,7 +40,7 @@ CSAT_NOISE = 0.08
 LABELLED_BY = LABELLER  # what pairs' meta should name as the labeller of simulated data
 
 
-# ---- fills ---------------------------------------------------------------------------------------------------
+# ---- fills -------------------------------------------------------------------------------------------------
 
 FIRST = ("Ana", "Ben", "Chloe", "Dev", "Elena", "Farah", "Gabe", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Marco",
          "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wen", "Ximena", "Yusuf", "Zoe",
@@ -63,9 +63,11 @@ DURATION = {"haircut": 45, "color": 90, "highlights": 120, "blowout": 45, "beard
             "pedicure": 60}
 SPECIALTIES = ("primary_care", "cardiology", "dermatology", "pediatrics", "orthopedics", "radiology")
 SPECIALTY_SAID = {s: s.replace("_", " ") for s in SPECIALTIES}
-PROVIDERS = tuple((f"prv-{1000 + 37 * i:04d}", f"Dr. {n}", SPECIALTIES[i % len(SPECIALTIES)]) for i, n in enumerate(
-    ("Raman", "Okoye", "Lindgren", "Alvarez", "Chen", "Marsh", "Haddad", "Kaur", "Fontaine", "Brennan", "Osei",
-     "Varga", "Yamamoto", "Delgado", "Petrov", "Abara", "Whitfield", "Nakamura")))
+DOCTORS = ("Raman", "Okoye", "Lindgren", "Alvarez", "Chen", "Marsh", "Haddad", "Kaur", "Fontaine", "Brennan",
+           "Osei", "Varga", "Yamamoto", "Delgado", "Petrov", "Abara", "Whitfield", "Nakamura")
+# (provider id, spoken name, specialty): three providers per specialty
+PROVIDERS = tuple((f"prv-{1000 + 37 * i:04d}", f"Dr. {n}", SPECIALTIES[i % len(SPECIALTIES)])
+                  for i, n in enumerate(DOCTORS))
 OTHER_VISITS = ("lab draw", "MRI", "physical therapy session", "flu shot", "blood pressure check", "X-ray",
                 "follow-up with primary care", "ultrasound")
 
@@ -87,7 +89,7 @@ class WorldRandom(random.Random):
         return seq[int(self.random() * len(seq))]
 
 
-# ---- the clock and envelopes ---------------------------------------------------------------------------------
+# ---- the clock and envelopes -------------------------------------------------------------------------------
 
 class _Stamps:
     """RFC 3339 strings for simulated milliseconds, with the part up to the minute cached: 100k calls
@@ -152,7 +154,8 @@ class _Call:
         data: dict[str, Any] = {"turn": self.turn, "role": "user", "content": text}
         if self.voice:
             # ASR is usually sure; now and then a noisy line drags it down.
-            conf = 0.55 + 0.44 * self.rng.random() ** 0.3 if self.rng.random() > 0.08 else 0.3 + 0.3 * self.rng.random()
+            r = self.rng.random
+            conf = 0.55 + 0.44 * r() ** 0.3 if r() > 0.08 else 0.3 + 0.3 * r()
             data["asr_confidence"] = round(conf, 3)
         self.emit("call.turn", data)
         self.turn += 1
@@ -167,7 +170,8 @@ class _Call:
         self.turn += 1
         return self.turn - 1
 
-    def tool_call(self, turn: int, name: str, arguments: str, *, result: Any = None, error: str | None = None) -> str:
+    def tool_call(self, turn: int, name: str, arguments: str, *, result: Any = None,
+                  error: str | None = None) -> str:
         self.t += self.rng.randint(150, 1400)
         self.tc += 1
         tc_id = f"call_{self.tc}"
@@ -187,7 +191,7 @@ class _Call:
             bad_name, bad_args, error = break_tool_call(rng, self.agent.agent_id, name, args)
             turn = self.assistant(filler)
             self.tool_call(turn, bad_name, bad_args, error=error)
-            filler = "" if rng.random() < 0.7 else rng.choice(("Sorry, one moment.", "Just a second.", "Bear with me."))
+            filler = rng.choice(("", "", "Sorry, one moment.", "Just a second.", "Bear with me."))
         elif rng.random() < TOOL_ERROR_RATE:
             turn = self.assistant(filler)
             self.tool_call(turn, name, json.dumps(args), error=rng.choice(
@@ -211,11 +215,13 @@ class _Call:
 
 _MISNAMED = {"book_slot": "book_appointment", "find_slots": "search_slots", "reschedule_appointment": "reschedule",
              "cancel_appointment": "cancel_booking", "transfer_to_human": "transfer_call",
-             "lookup_patient_appointments": "get_patient_appointments", "find_provider_availability": "find_availability",
+             "lookup_patient_appointments": "get_patient_appointments",
+             "find_provider_availability": "find_availability",
              "move_appointment": "reschedule_appointment", "flag_for_staff": "flag_staff"}
 _WRONG_ENUM = {"haircut": "hair_cut", "color": "colour", "highlights": "highlight", "blowout": "blow_dry",
                "beard_trim": "beard", "manicure": "nails", "pedicure": "feet", "sms": "text", "email": "e-mail",
-               "morning": "am", "afternoon": "pm", "evening": "night", "any": "anytime", "customer_request": "customer",
+               "morning": "am", "afternoon": "pm", "evening": "night", "any": "anytime",
+               "customer_request": "customer",
                "in_person": "office", "telehealth": "video", "routine": "normal", "same_day": "today",
                "double_booking": "double_booked", "provider_conflict": "provider", "phone": "call",
                "caller_request": "requested", "normal": "medium", "unresolvable_conflict": "conflict"}
@@ -235,10 +241,15 @@ def _get(obj: dict[str, Any], path: tuple[str, ...]) -> Any:
     return obj
 
 
-def break_tool_call(rng: random.Random, agent_id: str, name: str, args: dict[str, Any]) -> tuple[str, str, str]:
-    """A realistic invalid version of a valid call: (name, arguments text, the runtime's error)."""
+BREAKS = ("bad_json", "wrong_enum", "missing_required", "bad_format", "unknown_tool")
+
+
+def break_tool_call(rng: random.Random, agent_id: str, name: str, args: dict[str, Any],
+                    kind: str | None = None) -> tuple[str, str, str]:
+    """A realistic invalid version of a valid call: (name, arguments text, the runtime's error). A kind
+    the tool's schema cannot show (no enum, no pattern) falls back to a missing required property."""
     schema = tool_by_name(agent_id)[name]["function"]["parameters"]
-    kind = rng.choice(("bad_json", "wrong_enum", "missing_required", "bad_format", "unknown_tool"))
+    kind = kind or rng.choice(BREAKS)
     if kind == "wrong_enum":
         paths = [p for p, sub in _enum_paths(schema) if isinstance(_get(args, p), str)]
         if paths:
@@ -247,7 +258,7 @@ def break_tool_call(rng: random.Random, agent_id: str, name: str, args: dict[str
             parent = _get(broken, path[:-1])
             value = parent[path[-1]]
             parent[path[-1]] = _WRONG_ENUM.get(value, value.upper())
-            return name, json.dumps(broken), f"invalid arguments: {'.'.join(path)} is not one of the allowed values"
+            return name, json.dumps(broken), f"invalid arguments: {'.'.join(path)} is not an allowed value"
         kind = "missing_required"
     if kind == "bad_format":
         for key, sub in (schema.get("properties") or {}).items():
@@ -266,7 +277,8 @@ def break_tool_call(rng: random.Random, agent_id: str, name: str, args: dict[str
         broken = {k: v for k, v in args.items() if k != drop}
         return name, json.dumps(broken), f"invalid arguments: missing required property {drop}"
     if kind == "unknown_tool":
-        return _MISNAMED.get(name, name + "_v2"), json.dumps(args), f"unknown tool {_MISNAMED.get(name, name + '_v2')}"
+        wrong = _MISNAMED.get(name, name + "_v2")
+        return wrong, json.dumps(args), f"unknown tool {wrong}"
     text = json.dumps(args)
     if rng.random() < 0.5:
         return name, text[: max(1, len(text) - rng.randint(2, 12))], "arguments are not valid JSON"
@@ -294,7 +306,8 @@ def _person(rng: random.Random) -> tuple[str, str, str, str | None]:
 _HOURS = {"morning": (9, 11), "afternoon": (12, 16), "evening": (17, 18), "any": (9, 18)}
 
 
-def _salon_slots(rng: random.Random, today: date, tod: str, k: int, stylist: tuple[str, str] | None) -> list[Slot]:
+def _salon_slots(rng: random.Random, today: date, tod: str, k: int,
+                 stylist: tuple[str, str] | None) -> list[Slot]:
     slots, seen = [], set()
     lo, hi = _HOURS[tod]
     first = rng.randint(1, 4)
@@ -337,7 +350,7 @@ def _salon_call(c: _Call, site: Site, today: date) -> None:
             callback = {"phone": phone, "date": (today + timedelta(days=1)).isoformat(),
                         "window_start": "10:00", "window_end": "12:00"}
         args = {"reason": reason, "priority": rng.choice(("low", "normal", "urgent")),
-                "summary": f"{first} {last} is calling about a {reason.replace('_', ' ')} and asked for staff.",
+                "summary": f"{first} {last} called about a {reason.replace('_', ' ')} and asked for staff.",
                 "callback": callback}
         c.use_tool("transfer_to_human", args, {"status": "queued" if callback else "transferring",
                                                 "queue_position": rng.randint(1, 4)},
@@ -379,7 +392,8 @@ def _salon_call(c: _Call, site: Site, today: date) -> None:
     d_from = today + timedelta(days=1)
     slots = _salon_slots(rng, today, tod, rng.randint(2, 5), stylist)
     args = {"service": svc, "date_from": d_from.isoformat(),
-            "date_to": None if rng.random() < 0.5 else (d_from + timedelta(days=rng.randint(3, 10))).isoformat(),
+            "date_to": (None if rng.random() < 0.5
+                        else (d_from + timedelta(days=rng.randint(3, 10))).isoformat()),
             "time_of_day": tod, "stylist_id": stylist[0] if stylist else None, "location_id": site.site_id,
             "max_results": rng.choice((3, 5, 5, 8))}
     c.use_tool("find_slots", args, {"slots": [_slot_json(s, svc) for s in slots], "timezone": site.timezone},
@@ -393,7 +407,8 @@ def _salon_offer_and_book(c: _Call, site: Site, svc: str, slots: list[Slot], sce
     rng = c.rng
     said = SERVICE_SAID[svc]
     # Invented times must not coincide with any time in the results (slot ends included).
-    avoid = {(s.hour, s.minute) for s in slots} | {divmod(s.hour * 60 + s.minute + DURATION[svc], 60) for s in slots}
+    avoid = {(s.hour, s.minute) for s in slots}
+    avoid |= {divmod(s.hour * 60 + s.minute + DURATION[svc], 60) for s in slots}
     offer_sit = Situation(has_slots=True)
 
     def offer(r: random.Random, style: str) -> tuple[str, Features]:
@@ -464,14 +479,14 @@ def _book_args(rng: random.Random, scenario: str, slot: Slot, svc: str, apt_id: 
         return {"slot_id": slot.slot_id, "service": svc,
                 "customer": {"name": f"{first} {last}", "phone": phone, "email": email,
                              "returning": rng.random() < 0.6},
-                "notes": None if rng.random() < 0.8 else rng.choice(("Sensitive scalp.", "Long hair.", "First visit.")),
+                "notes": rng.choice((None, None, None, None, "Sensitive scalp.", "Long hair.", "First visit.")),
                 "send_confirmation": "email" if email and rng.random() < 0.5 else "sms"}
     return {"appointment_id": apt_id, "new_slot_id": slot.slot_id,
             "reason": rng.choice(("customer_request", "customer_request", "running_late", "other")),
             "notify_customer": rng.random() < 0.8}
 
 
-# ---- the appointment resolver ---------------------------------------------------------------------------------
+# ---- the appointment resolver ------------------------------------------------------------------------------
 
 def _resolver_call(c: _Call, site: Site, today: date) -> None:
     rng = c.rng
@@ -496,7 +511,7 @@ def _resolver_call(c: _Call, site: Site, today: date) -> None:
                            f"I got two appointment reminders for the same morning, {day_said}.",
                            f"My {SPECIALTY_SAID[spec]} visit and my {other} are at the same time, I think."),
         "provider_away": (f"I got a message that {dr} is out, and I'm supposed to see them {day_said}.",
-                          f"Someone said my {SPECIALTY_SAID[spec]} appointment can't happen because the doctor's away?"),
+                          f"Someone said my {SPECIALTY_SAID[spec]} visit can't happen, the doctor's away?"),
         "facility_closure": (f"The clinic texted me it's closed on {day_said}. What about my appointment?",
                              "I heard the building is closed for repairs the day of my visit."),
     }[conflict]
@@ -600,9 +615,9 @@ def _resolver_call(c: _Call, site: Site, today: date) -> None:
                        {"error": "slot_not_available"})
             c.user(rng.choice(("So that time doesn't exist?", "What happened?")))
             continue
-        c.user(rng.choice((f"{A.say_time(rng, choice.hour, choice.minute)} works for me.",
-                           f"Let's do {A.say_day(rng, choice.day)} at {A.say_time(rng, choice.hour, choice.minute)}.",
-                           f"The {A.say_time(rng, choice.hour, choice.minute)} one, please.",
+        when = A.say_time(rng, choice.hour, choice.minute)
+        c.user(rng.choice((f"{when} works for me.", f"Let's do {A.say_day(rng, choice.day)} at {when}.",
+                           f"The {when} one, please.",
                            f"Okay, {A.say_day(rng, choice.day)} then.")))
         picked = choice
         break
@@ -628,7 +643,8 @@ def _resolver_call(c: _Call, site: Site, today: date) -> None:
     c.user(rng.choice(("Thank you so much.", "Great, thanks.", "Okay, bye.", "Perfect, that works.")))
 
 
-def _move_args(rng: random.Random, appt_a: str, appt_b: str, conflict: str, slot: Slot, dur: int) -> dict[str, Any]:
+def _move_args(rng: random.Random, appt_a: str, appt_b: str, conflict: str, slot: Slot,
+               dur: int) -> dict[str, Any]:
     reason = {"double_booking": "double_booking", "provider_away": "provider_conflict",
               "facility_closure": "facility_closure"}[conflict]
     return {"appointment_id": appt_a,
@@ -638,7 +654,7 @@ def _move_args(rng: random.Random, appt_a: str, appt_b: str, conflict: str, slot
             "notify_patient": {"channel": rng.choice(("sms", "email", "phone", "portal")), "message": None}}
 
 
-# ---- feedback ------------------------------------------------------------------------------------------------
+# ---- feedback ----------------------------------------------------------------------------------------------
 
 CSAT_COMMENTS_GOOD = ("Quick and easy.", "Very helpful, thanks!", "Great service.", "Got exactly what I needed.",
                       "Smooth call.")
