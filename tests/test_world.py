@@ -64,6 +64,20 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs():
     assert first != _bytes(list(simulate(150, seed=43)))
 
 
+def test_same_seed_gives_the_same_world_in_another_process():
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from agent_dpo.world.simulator import simulate; "
+            "print(hashlib.sha256(b''.join(json.dumps(e).encode() for e in simulate(120, 42))).hexdigest())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    here = hashlib.sha256(b"".join(json.dumps(e).encode() for e in simulate(120, 42))).hexdigest()
+    assert other.stdout.strip() == here
+
+
 def test_every_event_follows_the_contract(world):
     rejected = [r for r in map(_parse, world) if isinstance(r, Rejection)]
     assert not rejected, rejected[:3]
