@@ -98,3 +98,13 @@ def test_digit_strings_that_fail_luhn_are_untouched(digits, shape):
     assert redact_text(text) == text
     arguments = json.dumps({"order_id": digits, "n": int(digits)})
     assert redact_arguments(arguments) == arguments
+
+
+def test_pathological_texts_take_linear_time():
+    import time
+
+    texts = ["x" * 50_000 + "@" + "b" * 50_000, "a@b." * 30_000, "1 " * 50_000, "+1" * 50_000, "9" * 100_000]
+    start = time.perf_counter()
+    for text in texts:
+        redact_text(text)
+    assert time.perf_counter() - start < 2.0  # quadratic patterns took minutes here
