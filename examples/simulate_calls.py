@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    nc = await nats.connect(args.nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    async def quiet(_exc: Exception) -> None:  # a failed connect is reported once, below, not per attempt
+        pass
+
+    nc = await nats.connect(args.nats_url, connect_timeout=5, max_reconnect_attempts=3, error_cb=quiet)
     try:
         js = nc.jetstream()
         if args.init_bus:
