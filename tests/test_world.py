@@ -211,6 +211,9 @@ def test_live_prompts_end_where_the_model_must_answer_and_feedback_follows_the_a
     for p in prompts:
         assert p.messages[0]["role"] == "system" and p.messages[-1]["role"] == "tool"
         assert all(isinstance(_parse(e), Event) for e in p.envelopes)
+        served = p.envelopes_served_by("salon-rebook", "v3")
+        assert next(e for e in served if e["type"] == "call.started")["data"]["model"]["version"] == "v3"
+        assert all(isinstance(_parse(e), Event) for e in served)
         slots = json.loads(p.messages[-1]["content"])["slots"]
         s = slots[0]
         hour, minute = map(int, s["start"].split(":"))

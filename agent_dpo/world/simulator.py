@@ -819,6 +819,16 @@ class LivePrompt:
     channel: str
     t_ms: int  # simulated clock at the answer
 
+    def envelopes_served_by(self, name: str, version: str | None) -> list[dict[str, Any]]:
+        """The envelopes so far, with `call.started` naming the model (canary arm) that serves the call."""
+        out = []
+        for env in self.envelopes:
+            if env["type"] == "call.started":
+                model = {"name": name} if version is None else {"name": name, "version": version}
+                env = {**env, "data": {**env["data"], "model": model}}
+            out.append(env)
+        return out
+
 
 def live_prompts(agent_id: str, n: int, seed: int, *, start: datetime = DEFAULT_START) -> Iterator[LivePrompt]:
     """`n` live calls of one agent, each stopped where the first answer the rubric cares about is due
