@@ -116,7 +116,8 @@ class Gateway:
         if path in ("/healthz", "/health"):
             return 200, {"ok": True}, {}
         if path == "/v1/models":
-            return 200, {"object": "list", "data": []}, {}
+            return 200, {"object": "list", "data": [
+                {"id": f"{t}/{a}", "object": "model", "owned_by": t} for t, a in self.router.agents()]}, {}
         if path != "/v1/chat/completions":
             raise HttpError(404, f"no route {path}", "not_found")
         if method != "POST":

@@ -130,4 +130,4 @@ class LocalPeftBackend:
         text = self.tokenizer.decode(new, skip_special_tokens=False)
         message = parse_assistant_output(text)
         finish = "tool_calls" if message["tool_calls"] else ("length" if len(new) >= max_new else "stop")
-        return ChatResult(message, finish, int(enc["input_ids"].shape[1]), int(len(new)))
+        return ChatResult(message, finish, int(enc["input_ids"].shape[1]), len(new))

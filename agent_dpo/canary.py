@@ -167,8 +167,8 @@ def decide(doc: RolloutDoc, champion: ArmStats, challenger: ArmStats, step_calls
            policy: CanaryPolicy) -> Decision:
     """The next move of a running canary. Stats are cumulative since the canary began;
     `step_calls` counts challenger calls finished during the current step."""
-    base = dict(step=doc.step, weight=doc.canary_weight, champion_calls=champion.calls,
-                challenger_calls=challenger.calls, step_calls=step_calls)
+    base = {"step": doc.step, "weight": doc.canary_weight, "champion_calls": champion.calls,
+            "challenger_calls": challenger.calls, "step_calls": step_calls}
     if doc.state != "canary" or not doc.challenger:
         return Decision("hold", "no canary running", **base)
     checks: dict[str, dict[str, Any]] = {}
@@ -321,5 +321,5 @@ class CanaryController:
                 log.warning("canary_round_failed", error=str(exc))
             try:
                 await asyncio.wait_for(stop.wait(), interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

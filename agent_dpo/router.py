@@ -6,6 +6,7 @@ served and unload only when no alias and no live call holds them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,10 @@ class Router:
         entry = self._entries.get((tenant_id, agent_id))
         return entry.doc if entry else None
 
+    def agents(self) -> list[tuple[str, str]]:
+        """Agents with a rollout document live in this router."""
+        return sorted(self._entries)
+
     def live_calls(self, tenant_id: str, agent_id: str, version: str) -> int:
         return self._leases.live_calls((tenant_id, agent_id, version))
 
@@ -147,7 +152,6 @@ class Router:
         """Own NATS connection, re-reading every rollout document after each reconnect."""
         import nats
         import nats.errors
-
         from agent_dpo_adapters.nats_registry import NatsRegistry
 
         router: Router | None = None
@@ -179,7 +183,7 @@ class Router:
             if wait_ready:
                 try:
                     await asyncio.wait_for(self._ready.wait(), wait_ready)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.warning("router_not_ready", waited_s=wait_ready)
 
     async def ready(self) -> None:
@@ -202,10 +206,8 @@ class Router:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._watcher is not None:
-            try:
+            with contextlib.suppress(Exception):  # the connection may already be gone
                 await self._watcher.stop()
-            except Exception:  # noqa: BLE001 - connection may already be gone
-                pass
         if self._nc is not None:
             await self._nc.close()
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
+from pathlib import Path
 
 import nats
 import pytest
+from agent_dpo_adapters.nats_registry import NatsRegistry
 
 from agent_dpo.canary import (
     ArmOutcome,
@@ -22,16 +25,12 @@ from agent_dpo.canary import (
     gate_failures,
     outcome_from_call,
 )
-from agent_dpo.registry import promote, start_canary, new_doc
+from agent_dpo.registry import new_doc, promote, start_canary
 from agent_dpo.router import Router
-from agent_dpo_adapters.nats_registry import NatsRegistry
-
-import sys
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_fixtures import manifest  # noqa: E402
-from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (pytest fixtures)
+from serving_fixtures import manifest
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
 GOOD_EVAL = {"version": "v2", "baseline": "v1", "n": 60, "preference_accuracy": 0.93, "win_rate": 0.8,
              "win_rate_ci": [0.7, 0.88], "tool_call_validity": 0.97, "baseline_tool_call_validity": 0.95}
@@ -241,14 +240,14 @@ async def test_a_restarted_controller_resumes_at_the_kv_step(registry, nats_url)
 @pytest.mark.slow
 async def test_a_trained_version_reaches_champion_and_a_worse_one_is_rolled_back(
         registry, nc, nats_url, tiny_model_dir, smollm2_store, tmp_path):
+    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
+    from agent_dpo_adapters.local_serving import LocalPeftBackend
+    from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
     from test_serving import make_adapter
     from test_training import pair_rows, tiny_job
 
     from agent_dpo.registry import manifest_for
     from agent_dpo.training.backend import get_backend
-    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
-    from agent_dpo_adapters.local_serving import LocalPeftBackend
-    from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
 
     js = nc.jetstream()
     job = tiny_job(tmp_path, tiny_model_dir, smollm2_store, pair_rows(), sft_steps=1, max_steps=2)

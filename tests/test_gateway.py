@@ -14,13 +14,13 @@ import pytest
 from openai import AsyncOpenAI, BadRequestError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_fixtures import EchoBackend, manifest  # noqa: E402
-from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (pytest fixtures)
+from agent_dpo_adapters.gateway import start_gateway
+from agent_dpo_adapters.nats_registry import NatsRegistry
+from serving_fixtures import EchoBackend, manifest
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
-from agent_dpo.registry import ArtifactRef, promote  # noqa: E402
-from agent_dpo.router import Router  # noqa: E402
-from agent_dpo_adapters.gateway import start_gateway  # noqa: E402
-from agent_dpo_adapters.nats_registry import NatsRegistry  # noqa: E402
+from agent_dpo.registry import ArtifactRef, promote
+from agent_dpo.router import Router
 
 TOOLS = [{"type": "function", "function": {"name": "book_slot", "parameters": {"type": "object"}}}]
 HELLO = [{"role": "user", "content": "Can I come Tuesday?"}]
@@ -87,6 +87,7 @@ async def test_gateway_pins_each_call_across_a_promote(registry):
         text = "".join([c.choices[0].delta.content or "" async for c in stream])
         assert text == "served by v2"
 
+        assert [m.id async for m in client.models.list()] == ["acme/rebook"]
         with pytest.raises(BadRequestError, match="tenant"):
             await ask(client, "call-x", model="rebook")
         unknown_version, _ = await ask(client, "call-y", model="acme/other-agent")
@@ -116,11 +117,10 @@ async def test_gateway_releases_idle_calls(registry):
 
 @pytest.mark.slow
 async def test_a_real_tiny_model_serves_through_the_gateway(registry, nats_url, tiny_model_dir, tmp_path):
-    from test_serving import make_adapter
-
     from agent_dpo_adapters.hf_models import load_model, load_tokenizer
     from agent_dpo_adapters.local_serving import LocalPeftBackend
     from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
+    from test_serving import make_adapter
 
     nc = await nats.connect(nats_url)
     adapter = make_adapter(tiny_model_dir, tmp_path / "v1", seed=1)

@@ -13,16 +13,16 @@ import nats
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_loopback import LoopbackOpenAI  # noqa: E402
-from serving_fixtures import manifest  # noqa: E402
-from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (pytest fixtures)
-from vllm_loopback import VllmLoopback  # noqa: E402
+from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
+from agent_dpo_adapters.nats_registry import NatsRegistry
+from agent_dpo_adapters.vllm_serving import VllmBackend
+from openai_loopback import LoopbackOpenAI
+from serving_fixtures import manifest
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
+from vllm_loopback import VllmLoopback
 
-from agent_dpo.registry import ArtifactRef, ModelRef, promote, rollback, start_canary  # noqa: E402
-from agent_dpo.router import Router  # noqa: E402
-from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact  # noqa: E402
-from agent_dpo_adapters.nats_registry import NatsRegistry  # noqa: E402
-from agent_dpo_adapters.vllm_serving import VllmBackend  # noqa: E402
+from agent_dpo.registry import ArtifactRef, ModelRef, promote, rollback, start_canary
+from agent_dpo.router import Router
 
 TOOLS = [{"type": "function", "function": {"name": "book_slot", "parameters": {"type": "object"}}}]
 HELLO = [{"role": "system", "content": "You book salon slots."}, {"role": "user", "content": "Tuesday?"}]
@@ -189,10 +189,10 @@ async def test_vllm_backend_uses_one_immutable_lora_name_per_version(registry, a
 
 
 async def test_openai_backend_serves_ft_ids_and_loads_nothing():
+    from agent_dpo_adapters.openai_serving import OpenAIBackend
     from openai import AsyncOpenAI
 
     from agent_dpo.errors import AgentDpoError
-    from agent_dpo_adapters.openai_serving import OpenAIBackend
 
     with LoopbackOpenAI() as api:
         api.chat_replies.append("Tuesday 2pm is free.")

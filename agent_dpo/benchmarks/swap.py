@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(_bench(args, args.nats_url))
     from agent_dpo_adapters.nats_server import EmbeddedNats
 
-    with tempfile.TemporaryDirectory(prefix="agent-dpo-bench-swap-") as tmp:
-        with EmbeddedNats(store_dir=Path(tmp) / "nats") as server:
-            return asyncio.run(_bench(args, server.url))
+    with (tempfile.TemporaryDirectory(prefix="agent-dpo-bench-swap-") as tmp,
+          EmbeddedNats(store_dir=Path(tmp) / "nats") as server):
+        return asyncio.run(_bench(args, server.url))
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -47,10 +47,17 @@ def pct(samples: list[float], q: float) -> float:
 
 async def _bench(args: argparse.Namespace, url: str) -> int:
     import nats
-
-    from agent_dpo.registry import VersionManifest, advance_canary, call_bucket, promote, rollback, start_canary
-    from agent_dpo.router import Router
     from agent_dpo_adapters.nats_registry import NatsRegistry
+
+    from agent_dpo.registry import (
+        VersionManifest,
+        advance_canary,
+        call_bucket,
+        promote,
+        rollback,
+        start_canary,
+    )
+    from agent_dpo.router import Router
 
     t, a = "bench", "swap-agent"
     nc = await nats.connect(url)
