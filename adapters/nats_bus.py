@@ -233,6 +233,21 @@ class BatchPuller:
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
         return self
 
+    async def close(self) -> list[Msg]:
+        """Wait for the open pull request to end (at most until its expiry), stop, and hand back what
+        was delivered but not taken, so the caller can nak it for prompt redelivery."""
+        while self._open and self._sub is not None:
+            left = self._request_deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                break
+        await self.stop()
+        return self._take()
+
     async def stop(self) -> None:
         if self._sub is not None:
             try:
@@ -396,6 +411,9 @@ class Ingestor:
                     log.info("ingest_progress", **self.stats.as_dict())
             if inflight is not None:
                 await inflight
+            # Delivered to us but not handled: give them back now rather than after the ack wait.
+            for msg in await puller.close():
+                await msg.nak()
             await self._flush_dead_letter_records()
             try:
                 await self.nc.flush(timeout=5)
