@@ -32,7 +32,15 @@ from typing import Any
 from agent_dpo import __version__ as _version
 from agent_dpo.calls import Call
 from agent_dpo.lengthbias import LengthStats, balance, length_stats, message_length
-from agent_dpo.pairing import Examples, KtoExample, Pair, PairingConfig, build_examples
+from agent_dpo.pairing import (
+    KTO_SIGNALS,
+    PAIR_SIGNALS,
+    Examples,
+    KtoExample,
+    Pair,
+    PairingConfig,
+    build_examples,
+)
 from agent_dpo.redaction import redact_message
 from agent_dpo.split import DEFAULT_TEST_FRACTION, split_of
 from agent_dpo.store import EventStore
@@ -238,7 +246,11 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
 
     pairs = [p for p in examples.pairs if on_side(p.call_id, p.side)]
     kto = [k for k in examples.kto if on_side(k.call_id, k.side)]
-    drops: Counter = Counter(d.reason for d in examples.drops if on_side(d.call_id))
+    # Drops of the signals this file could have held (and whole calls): a CSAT drop says nothing
+    # about a DPO file.
+    wanted = {"call", *(PAIR_SIGNALS if fmt != "trl-kto" or include_pairs else ()),
+              *(KTO_SIGNALS if fmt == "trl-kto" else ())}
+    drops: Counter = Counter(d.reason for d in examples.drops if d.signal in wanted and on_side(d.call_id))
     shape = _Shaper(fmt, redact)
     pair_lengths = [(shape.length(p.chosen), shape.length(p.rejected)) for p in pairs]
     length_before = length_stats(pair_lengths)
