@@ -1,6 +1,7 @@
 """The tool-aware chat template: tools and tool calls reach the model's text, and what the model writes
 comes back as the same OpenAI assistant message."""
 
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py, imported after the sys.path line)
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import smollm2_store  # noqa: E402,F401  (pytest fixture)
+from tiny_model import smollm2_store  # noqa: F401  (pytest fixture)
 
-from agent_dpo.chat_template import parse_assistant_output, render  # noqa: E402
+from agent_dpo.chat_template import parse_assistant_output, render
 
 TOOLS = [{"type": "function", "function": {
     "name": "book_slot", "description": "Book a salon slot",

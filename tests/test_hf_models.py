@@ -1,6 +1,7 @@
 """Model provisioning: SmolLM2 from the wheel's GGUF becomes a plain safetensors folder once, and later
 loads read that folder; local folders load as they are; unusable names fail with one clear line."""
 
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py, imported after the sys.path line)
 from __future__ import annotations
 
 import sys
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (pytest fixtures)
+from agent_dpo_adapters import hf_models
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
-from agent_dpo.errors import AgentDpoError  # noqa: E402
-from agent_dpo_adapters import hf_models  # noqa: E402
+from agent_dpo.errors import AgentDpoError
 
 
 @pytest.mark.slow

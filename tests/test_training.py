@@ -2,21 +2,23 @@
 base (safetensors, with its digest), per-step metrics and a plot; configs come from files and flags.
 One run on the real SmolLM2 checks the same path at full size."""
 
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py, imported after the sys.path line)
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (pytest fixtures)
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
-from agent_dpo.errors import AgentDpoError, UsageError  # noqa: E402
-from agent_dpo.training.backend import TrainJob, artifact_digest, get_backend  # noqa: E402
-from agent_dpo.training.config import TrainConfig  # noqa: E402
-from agent_dpo.training.recipes import kto_weights  # noqa: E402
+from agent_dpo.errors import AgentDpoError, UsageError
+from agent_dpo.training.backend import TrainJob, artifact_digest, get_backend
+from agent_dpo.training.config import TrainConfig
+from agent_dpo.training.recipes import kto_weights
 
 TOOLS = [{"type": "function", "function": {
     "name": "book", "description": "Book a slot",
@@ -56,8 +58,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def tiny_job(tmp: Path, model_dir: Path, store: Path, rows: list[dict], **config) -> TrainJob:
-    settings = dict(base_model=str(model_dir), sft_steps=2, max_steps=3, batch_size=2, max_length=256,
-                    lora_r=4, lora_alpha=8)
+    settings = {"base_model": str(model_dir), "sft_steps": 2, "max_steps": 3, "batch_size": 2,
+                "max_length": 256, "lora_r": 4, "lora_alpha": 8}
     settings.update(config)
     return TrainJob(tenant_id="acme", agent_id="salon", config=TrainConfig(**settings),
                     train_file=write_jsonl(tmp / "train.jsonl", rows), meta={}, output_dir=tmp / "run",
@@ -183,11 +185,9 @@ def test_real_smollm2_sft_then_dpo(tmp_path, smollm2_store):
     assert config["r"] == 16  # SFT rank 8 + DPO rank 8, stacked
 
 
-def run_cli(*args: str) -> "subprocess.CompletedProcess":
-    import subprocess
-
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", *args],
-                          capture_output=True, text=True, timeout=600)
+                          check=False, capture_output=True, text=True, timeout=600)
 
 
 def test_train_cli_runs_inline_and_prints_the_result(tmp_path, tiny_model_dir):

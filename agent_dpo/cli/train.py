@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent_dpo.cli.common import (add_agent_option, add_nats_option, add_store_option, nats_url,
-                                  store_dir)
+from agent_dpo.cli.common import add_agent_option, add_nats_option, add_store_option, nats_url, store_dir
 from agent_dpo.errors import AgentDpoError, UsageError
 
 # CLI flag -> TrainConfig field, for flags that override the config file when given.
@@ -143,8 +142,9 @@ def read_meta(data: Path) -> dict:
 
 def _export(store: Path, tenant: str, agent: str, fmt: str, out: Path) -> Path:
     try:
-        from agent_dpo.export import export_dataset
         from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
+
+        from agent_dpo.export import export_dataset
     except ModuleNotFoundError as exc:
         raise AgentDpoError(f"exporting training data needs {exc.name}, which is not in this install; "
                             f"pass --data FILE") from None

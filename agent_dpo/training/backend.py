@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from agent_dpo.errors import AgentDpoError
 from agent_dpo.training.config import TrainConfig

@@ -75,7 +75,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.backend not in BACKENDS:
             raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.method not in METHODS:
@@ -92,7 +92,7 @@ class TrainConfig:
         return self
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """From a parsed file or a job message; unknown keys are a usage error, not silently ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -101,7 +101,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def from_file(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -117,7 +117,7 @@ class TrainConfig:
             values = values["train"]
         return cls.from_dict(values)
 
-    def override(self, **flags: Any) -> "TrainConfig":
+    def override(self, **flags: Any) -> TrainConfig:
         """A copy with the flags that were given (not None) replacing the file's values."""
         given = {k: v for k, v in flags.items() if v is not None}
         names = {f.name for f in dataclasses.fields(self)}

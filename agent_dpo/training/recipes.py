@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,7 +96,7 @@ def _tool_call(call: dict) -> dict:
             "function": {"name": fn.get("name", ""), "arguments": arguments_as_text(fn.get("arguments", {}))}}
 
 
-def _messages(messages: list[dict]) -> list[dict]:
+def template_messages(messages: list[dict]) -> list[dict]:
     return [_message(m) for m in messages]
 
 
@@ -106,19 +106,19 @@ def _tools(row: dict) -> str | None:
 
 
 def dpo_rows(rows: list[dict]) -> list[dict]:
-    return [{"prompt": _messages(r["prompt"]), "chosen": _messages(r["chosen"]),
-             "rejected": _messages(r["rejected"]), "tools": _tools(r)} for r in rows]
+    return [{"prompt": template_messages(r["prompt"]), "chosen": template_messages(r["chosen"]),
+             "rejected": template_messages(r["rejected"]), "tools": _tools(r)} for r in rows]
 
 
 def kto_rows(rows: list[dict]) -> list[dict]:
     """trl-kto rows as they are; trl-dpo pairs as one desirable and one undesirable example each."""
     if dataset_kind(rows) == "trl-kto":
-        return [{"prompt": _messages(r["prompt"]), "completion": _messages(r["completion"]),
+        return [{"prompt": template_messages(r["prompt"]), "completion": template_messages(r["completion"]),
                  "label": bool(r["label"]), "tools": _tools(r)} for r in rows]
     out = []
     for r in rows:
         for key, label in (("chosen", True), ("rejected", False)):
-            out.append({"prompt": _messages(r["prompt"]), "completion": _messages(r[key]),
+            out.append({"prompt": template_messages(r["prompt"]), "completion": template_messages(r[key]),
                         "label": label, "tools": _tools(r)})
     return out
 
@@ -131,7 +131,7 @@ def sft_rows(rows: list[dict]) -> list[dict]:
         if kind == "trl-kto" and not r["label"]:
             continue
         completion = r["chosen"] if kind == "trl-dpo" else r["completion"]
-        row = {"prompt": _messages(r["prompt"]), "completion": _messages(completion), "tools": _tools(r)}
+        row = {"prompt": template_messages(r["prompt"]), "completion": template_messages(completion), "tools": _tools(r)}
         key = json.dumps(row, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -164,7 +164,7 @@ def kto_weights(rows: list[dict], meta: dict, config: TrainConfig) -> tuple[floa
 
 
 def new_version(method: str) -> str:
-    return f"{method}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    return f"{method}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
 
 def run(job: TrainJob, on_progress: Progress, phases: RecipePhases, backend: str) -> TrainResult:

@@ -1,0 +1,300 @@
+"""Held-out evaluation of a trained version against a baseline (by default its SFT base): what the
+promotion gates read. Three measures on the agent's held-out split:
+
+1. Preference accuracy: the share of held-out pairs where the candidate's implicit DPO reward,
+   beta * (log p_candidate - log p_baseline), is higher for the chosen answer than for the rejected one.
+2. Judge win rate: candidate and baseline each answer every held-out prompt (greedy, through the
+   tool-aware template, parsed back to a Message); the judge compares the two answers in both orders
+   (position swap). A prompt is a win when the candidate wins both orders, a loss when it loses both,
+   a tie otherwise; win_rate = (wins + ties / 2) / n. Its 95% interval is a seeded percentile bootstrap
+   over prompts (2000 resamples): ties make the outcome three-valued, which Wilson's interval does not
+   cover, and resampling prompts keeps the interval honest about which prompts happened to be held out.
+3. Tool-call validity: the share of generated tool calls that pass their tool's JSON Schema
+   (toolcheck.check_tool_call), candidate and baseline; null when a side made no tool call.
+
+A judge that labelled the data would grade its own homework, so one whose name matches the export's
+`labelled_by` is refused. Everything is seeded: the same data, models and seed give the same numbers."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from agent_dpo.errors import AgentDpoError
+from agent_dpo.logs import get_logger
+
+Verdict = Literal["a", "b", "tie"]
+BOOTSTRAP_RESAMPLES = 2000
+
+
+class Judge(Protocol):
+    name: str
+
+    def compare(self, prompt: list[dict], tools: list[dict], a: dict, b: dict) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A model to evaluate: a base model plus, optionally, an adapter (or a full fine-tuned folder)."""
+
+    label: str  # what the report calls it: a version name, "sft", "base"
+    base_model: str
+    adapter_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    beta: float = 0.1
+    seed: int = 0
+    max_new_tokens: int = 96
+    max_prompts: int | None = None  # judge at most this many held-out prompts (seeded sample)
+    max_pairs: int | None = None  # score at most this many held-out pairs (seeded sample)
+    batch_size: int = 8
+    device: str | None = None
+
+
+def check_judge_allowed(judge: Judge, meta: dict) -> None:
+    """Refuse a judge that is (one of) the labeller(s) recorded in the export's meta."""
+    labelled_by = (meta or {}).get("labelled_by")
+    if isinstance(labelled_by, dict | list | tuple | set):
+        labellers = {str(k) for k in labelled_by}
+    elif labelled_by:
+        labellers = {str(labelled_by)}
+    else:
+        labellers = set()
+    if judge.name in labellers:
+        raise AgentDpoError(f"judge {judge.name!r} labelled this data (meta labelled_by); "
+                            f"evaluate with a different judge")
+
+
+def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge | None, store_dir: Path,
+             settings: EvalSettings = EvalSettings(), meta: dict | None = None) -> dict[str, Any]:
+    """The report for `candidate` vs `baseline` on held-out trl-dpo rows (see the module docstring)."""
+    import torch
+
+    if judge is not None:
+        check_judge_allowed(judge, meta or {})
+    if not rows:
+        raise AgentDpoError("no held-out rows to evaluate on")
+    started = time.monotonic()
+    log = get_logger(component="eval", candidate=candidate.label, baseline=baseline.label)
+    torch.manual_seed(settings.seed)
+    pairs = _sample(rows, settings.max_pairs, settings.seed)
+    prompts = _sample(_unique_prompts(rows), settings.max_prompts, settings.seed + 1)
+
+    from agent_dpo_adapters.hf_models import load_tokenizer
+
+    tokenizer = load_tokenizer(candidate.base_model, store_dir)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cand_model = load_policy(candidate, store_dir, device)
+    base_model = load_policy(baseline, store_dir, device)
+
+    cand_margins = sequence_logps(cand_model, tokenizer, pairs, device)
+    base_margins = sequence_logps(base_model, tokenizer, pairs, device)
+    rewards = [settings.beta * ((c_ch - b_ch) - (c_rj - b_rj))
+               for (c_ch, c_rj), (b_ch, b_rj) in zip(cand_margins, base_margins)]
+    preference_accuracy = sum(r > 0 for r in rewards) / len(rewards)
+    log.info("preference_scored", pairs=len(pairs), accuracy=round(preference_accuracy, 4))
+
+    cand_answers = generate_answers(cand_model, tokenizer, prompts, settings, device)
+    base_answers = generate_answers(base_model, tokenizer, prompts, settings, device)
+    report: dict[str, Any] = {
+        "version": candidate.label,
+        "baseline": baseline.label,
+        "n": len(pairs),
+        "preference_accuracy": round(preference_accuracy, 4),
+        "preference_margin_mean": round(sum(rewards) / len(rewards), 4),
+        "n_prompts": len(prompts),
+    }
+    report.update(tool_call_report(prompts, cand_answers, base_answers))
+    if judge is not None:
+        outcomes = judge_outcomes(judge, prompts, cand_answers, base_answers)
+        report.update(win_report(outcomes, settings.seed))
+        report["judge"] = judge.name
+    else:
+        report.update({"win_rate": None, "win_rate_ci": None, "judge": None})
+    report["seed"] = settings.seed
+    report["beta"] = settings.beta
+    report["wall_s"] = round(time.monotonic() - started, 2)
+    log.info("eval_finished", **{k: report[k] for k in ("n", "preference_accuracy", "win_rate",
+                                                        "tool_call_validity", "wall_s")})
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_policy(policy: Policy, store_dir: Path, device: str = "cpu") -> Any:
+    """The policy as one plain model in eval mode (an adapter is merged into its base)."""
+    from agent_dpo_adapters.hf_models import load_model
+
+    adapter = Path(policy.adapter_dir) if policy.adapter_dir else None
+    if adapter is not None and (adapter / "config.json").is_file() and not (adapter / "adapter_config.json").is_file():
+        model = load_model(adapter, store_dir)  # a full fine-tune
+    else:
+        model = load_model(policy.base_model, store_dir)
+        if adapter is not None:
+            from peft import PeftModel
+
+            if not (adapter / "adapter_model.safetensors").is_file():
+                raise AgentDpoError(f"{adapter} holds no adapter_model.safetensors")
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model.to(device).eval()
+
+
+def _encode(tokenizer: Any, prompt: list[dict], completion: list[dict], tools: Any) -> tuple[list[int], int]:
+    """Token ids of prompt + completion and where the completion starts (as TRL splits them)."""
+    from agent_dpo.training.recipes import template_messages
+
+    tools = _tool_list(tools)
+    prompt_ids = tokenizer.apply_chat_template(template_messages(prompt), tools=tools, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template(template_messages(prompt + completion), tools=tools, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    start = 0
+    for a, b in zip(prompt_ids, full_ids):
+        if a != b:
+            break
+        start += 1
+    return list(full_ids), start
+
+
+def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str) -> list[tuple[float, float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) per pair, summed over completion tokens."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for pair in pairs:
+            scores = []
+            for key in ("chosen", "rejected"):
+                ids, start = _encode(tokenizer, pair["prompt"], pair[key], pair.get("tools"))
+                input_ids = torch.tensor([ids], device=device)
+                # Only the positions that predict completion tokens need the vocabulary projection.
+                keep = len(ids) - start + 1
+                logits = model(input_ids=input_ids, logits_to_keep=keep).logits[0, :-1].float()
+                targets = input_ids[0, start:]
+                logps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
+                scores.append(float(logps))
+            out.append((scores[0], scores[1]))
+    return out
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: EvalSettings,
+                     device: str) -> list[dict]:
+    """Greedy answers, parsed back to assistant Messages, in batches (left padding)."""
+    import torch
+
+    from agent_dpo.chat_template import parse_assistant_output
+    from agent_dpo.training.recipes import template_messages
+
+    answers = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), settings.batch_size):
+            chunk = prompts[i:i + settings.batch_size]
+            texts = [tokenizer.apply_chat_template(template_messages(p["prompt"]), tools=_tool_list(p.get("tools")),
+                                                   add_generation_prompt=True, tokenize=False) for p in chunk]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(settings.seed)
+            with torch.no_grad():
+                generated = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+            for row in generated[:, batch["input_ids"].shape[1]:]:
+                answers.append(parse_assistant_output(tokenizer.decode(row, skip_special_tokens=False)))
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+# ------------------------------------------------------------------------------------------------
+# Judging and tool calls
+
+
+def judge_outcomes(judge: Judge, prompts: list[dict], cand: list[dict], base: list[dict]) -> list[float]:
+    """Per prompt: 1 (candidate wins both orders), 0 (loses both), 0.5 (anything else)."""
+    outcomes = []
+    for p, c, b in zip(prompts, cand, base):
+        tools = _tool_list(p.get("tools")) or []
+        first = judge.compare(p["prompt"], tools, c, b)  # candidate shown as a
+        second = judge.compare(p["prompt"], tools, b, c)  # candidate shown as b
+        points = (first == "a") + (second == "b")
+        against = (first == "b") + (second == "a")
+        outcomes.append(1.0 if points == 2 else 0.0 if against == 2 else 0.5)
+    return outcomes
+
+
+def win_report(outcomes: list[float], seed: int) -> dict[str, Any]:
+    n = len(outcomes)
+    wins, losses = outcomes.count(1.0), outcomes.count(0.0)
+    rate = sum(outcomes) / n if n else 0.0
+    return {"win_rate": round(rate, 4), "win_rate_ci": bootstrap_ci(outcomes, seed),
+            "wins": wins, "ties": n - wins - losses, "losses": losses}
+
+
+def bootstrap_ci(outcomes: list[float], seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> list[float]:
+    """95% percentile bootstrap interval of the mean, over prompts, seeded."""
+    if not outcomes:
+        return [0.0, 0.0]
+    rng = random.Random(seed)
+    n = len(outcomes)
+    means = sorted(sum(rng.choice(outcomes) for _ in range(n)) / n for _ in range(resamples))
+    return [round(means[int(0.025 * resamples)], 4), round(means[int(0.975 * resamples) - 1], 4)]
+
+
+def tool_call_report(prompts: list[dict], cand: list[dict], base: list[dict]) -> dict[str, Any]:
+    cand_ok, cand_n = _validity(prompts, cand)
+    base_ok, base_n = _validity(prompts, base)
+    return {"tool_call_validity": round(cand_ok / cand_n, 4) if cand_n else None,
+            "baseline_tool_call_validity": round(base_ok / base_n, 4) if base_n else None,
+            "tool_calls": cand_n, "baseline_tool_calls": base_n}
+
+
+def _validity(prompts: list[dict], answers: list[dict]) -> tuple[int, int]:
+    from agent_dpo.toolcheck import check_tool_call
+
+    ok = total = 0
+    for p, answer in zip(prompts, answers):
+        tools = _tool_list(p.get("tools")) or []
+        for call in answer.get("tool_calls") or []:
+            fn = call.get("function", {})
+            total += 1
+            ok += bool(check_tool_call(tools, fn.get("name", ""), fn.get("arguments", "")).ok)
+    return ok, total
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _tool_list(tools: Any) -> list[dict] | None:
+    import json
+
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    return tools or None
+
+
+def _unique_prompts(rows: list[dict]) -> list[dict]:
+    import json
+
+    seen, out = set(), []
+    for r in rows:
+        key = json.dumps([r["prompt"], r.get("tools")], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append({"prompt": r["prompt"], "tools": r.get("tools")})
+    return out
+
+
+def _sample(items: list, limit: int | None, seed: int) -> list:
+    if limit is None or len(items) <= limit:
+        return list(items)
+    picked = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in picked]

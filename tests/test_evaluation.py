@@ -1,0 +1,149 @@
+"""Evaluation: a trained tiny version against its SFT base gives the report promotion gates read, the
+same numbers for the same seed; the judge sees both orders; a judge that labelled the data is refused."""
+
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py, imported after the sys.path line)
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training import TOOLS, pair_rows, write_jsonl
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
+
+from agent_dpo.errors import AgentDpoError
+from agent_dpo.evaluation import (
+    EvalSettings,
+    Policy,
+    bootstrap_ci,
+    evaluate,
+    judge_outcomes,
+    tool_call_report,
+    win_report,
+)
+
+REPORT_KEYS = {"version", "baseline", "n", "preference_accuracy", "win_rate", "win_rate_ci",
+               "tool_call_validity", "baseline_tool_call_validity"}
+
+
+class LongerAnswerJudge:
+    """A deterministic judge for tests: the answer with more text wins; equal length ties."""
+
+    name = "longer-answer"
+
+    def compare(self, prompt, tools, a, b):
+        la, lb = len(a.get("content") or ""), len(b.get("content") or "")
+        return "tie" if la == lb else ("a" if la > lb else "b")
+
+
+class FirstPositionJudge:
+    """A judge with pure position bias: whatever is shown first wins."""
+
+    name = "first-position"
+
+    def compare(self, prompt, tools, a, b):
+        return "a"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, smollm2_store):
+    """A tiny SFT -> DPO run written where `agent-dpo train` writes runs."""
+    tmp = tmp_path_factory.mktemp("eval")
+    store = tmp / "store"
+    data = write_jsonl(tmp / "train.jsonl", pair_rows(8))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", "train", "--agent", "acme/salon",
+         "--data", str(data), "--base-model", str(tiny_model_dir), "--sft-steps", "1", "--max-steps", "2",
+         "--batch-size", "2", "--learning-rate", "1e-3", "--version", "v1", "--store", str(store), "--json"],
+        check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    held_out = write_jsonl(tmp / "test.jsonl", pair_rows(6)[2:])
+    (tmp / "test.jsonl.meta.json").write_text(json.dumps({"labelled_by": {"simulator-rubric": 4}}))
+    return json.loads(proc.stdout), store, held_out
+
+
+def test_report_has_the_gate_keys_and_is_reproducible(trained, tiny_model_dir):
+    result, store, held_out = trained
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    candidate = Policy("v1", str(tiny_model_dir), Path(result["artifact_dir"]))
+    baseline = Policy("v1:sft", str(tiny_model_dir), Path(result["sft_artifact_dir"]))
+    settings = EvalSettings(seed=7, max_new_tokens=12)
+    first = evaluate(rows, candidate, baseline, LongerAnswerJudge(), store, settings)
+    second = evaluate(rows, candidate, baseline, LongerAnswerJudge(), store, settings)
+    assert REPORT_KEYS <= set(first)
+    first.pop("wall_s"), second.pop("wall_s")
+    assert first == second
+    assert (first["version"], first["baseline"], first["n"]) == ("v1", "v1:sft", 4)
+    assert 0.0 <= first["preference_accuracy"] <= 1.0
+    low, high = first["win_rate_ci"]
+    assert low <= first["win_rate"] <= high
+    assert first["wins"] + first["ties"] + first["losses"] == first["n_prompts"] == 4
+
+
+def test_version_against_itself_has_no_preference_and_only_ties(trained, tiny_model_dir):
+    result, store, held_out = trained
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    same = Policy("v1", str(tiny_model_dir), Path(result["artifact_dir"]))
+    report = evaluate(rows, same, same, LongerAnswerJudge(), store, EvalSettings(max_new_tokens=8))
+    assert report["preference_accuracy"] == 0.0  # identical rewards never prefer chosen
+    assert report["win_rate"] == 0.5 and report["ties"] == report["n_prompts"]
+
+
+def test_eval_cli_prints_the_report_as_json(trained):
+    _, store, held_out = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", "eval", "--agent", "acme/salon",
+         "--data", str(held_out), "--judge", "rubric", "--max-new-tokens", "8", "--store", str(store),
+         "--json"], check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert REPORT_KEYS <= set(report)
+    assert (report["version"], report["baseline"], report["judge"]) == ("v1", "v1:sft", "rubric")
+    assert json.loads((store / "runs" / "acme" / "salon" / "v1" / "eval.json").read_text()) == report
+
+
+def test_judge_that_labelled_the_data_is_refused(trained, tiny_model_dir):
+    result, store, held_out = trained
+    labeller = FirstPositionJudge()
+    labeller.name = "simulator-rubric"
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    policy = Policy("v1", str(tiny_model_dir), Path(result["artifact_dir"]))
+    with pytest.raises(AgentDpoError, match="labelled this data"):
+        evaluate(rows, policy, policy, labeller, store, meta={"labelled_by": {"simulator-rubric": 4}})
+    with pytest.raises(AgentDpoError, match="labelled this data"):
+        evaluate(rows, policy, policy, labeller, store, meta={"labelled_by": "simulator-rubric"})
+
+
+def test_position_swap_cancels_position_bias():
+    prompts = [{"prompt": [{"role": "user", "content": "hi"}], "tools": None}] * 5
+    cand = [{"role": "assistant", "content": "long answer", "tool_calls": []}] * 5
+    base = [{"role": "assistant", "content": "short", "tool_calls": []}] * 5
+    assert judge_outcomes(FirstPositionJudge(), prompts, cand, base) == [0.5] * 5
+    assert judge_outcomes(LongerAnswerJudge(), prompts, cand, base) == [1.0] * 5
+    assert judge_outcomes(LongerAnswerJudge(), prompts, base, cand) == [0.0] * 5
+
+
+def test_win_rate_interval_is_seeded_and_brackets_the_rate():
+    outcomes = [1.0] * 14 + [0.5] * 3 + [0.0] * 3
+    report = win_report(outcomes, seed=3)
+    assert report["win_rate"] == 0.775 and (report["wins"], report["ties"], report["losses"]) == (14, 3, 3)
+    low, high = report["win_rate_ci"]
+    assert low < 0.775 < high and high - low < 0.5
+    assert bootstrap_ci(outcomes, 3) == report["win_rate_ci"]
+
+
+def test_tool_call_validity_counts_schema_passes():
+    prompts = [{"prompt": [], "tools": TOOLS}] * 2
+    good = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "book", "arguments": '{"day": "Monday"}'}}]}
+    bad = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "b", "type": "function", "function": {"name": "book", "arguments": '{"when": "Monday"}'}},
+        {"id": "c", "type": "function", "function": {"name": "book", "arguments": '{"day": '}}]}
+    words = {"role": "assistant", "content": "Sure.", "tool_calls": []}
+    report = tool_call_report(prompts, [good, bad], [words, words])
+    assert report["tool_call_validity"] == pytest.approx(1 / 3, abs=1e-3) and report["tool_calls"] == 3
+    assert report["baseline_tool_call_validity"] is None and report["baseline_tool_calls"] == 0
