@@ -17,7 +17,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("status", help="events, calls, feedback and dead letters per tenant/agent")
     add_store_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--dead-letters", type=count, default=5, metavar="N",
+                   help="also list the N most recent dead letters with their reasons (default 5; 0: none)")
     p.set_defaults(func=run)
+
+
+def count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a count (0 or more)")
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,10 +36,16 @@ def run(args: argparse.Namespace) -> int:
         raise AgentDpoError(f"no store at {path} (run `agent-dpo ingest --store {path}` first)")
     with SqliteStore(path) as store:
         rows = store.status()
+        recent = store.dead_letters(limit=args.dead_letters) if args.dead_letters else []
     if args.json:
-        print(json.dumps({"store": str(path), "agents": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        print(json.dumps({"store": str(path), "agents": [dataclasses.asdict(r) for r in rows],
+                          "recent_dead_letters": [dataclasses.asdict(d) for d in recent]}, indent=2))
         return 0
     print(render_table(rows))
+    if recent:
+        print("\nrecent dead letters (newest first; their bytes are in the dead-letter stream):")
+        for d in recent:
+            print(f"  seq {d.stream_seq}  {d.subject[:80]}  {d.reason[:160]}")
     return 0
 
 
