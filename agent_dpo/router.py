@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,9 @@ class Router:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._pending: dict[tuple[str, str], Any] = {}  # newest KV entry per agent, not yet applied
+        self._appliers: dict[tuple[str, str], asyncio.Task] = {}
+        self._mu = threading.Lock()  # resolve/release may come from the runtime's threads
         self._watcher = None
         self._ready = asyncio.Event()
         self._nc = None  # set by connect(); closed by stop()
@@ -87,30 +91,38 @@ class Router:
         ref = self._pins.get(key)
         if ref is not None:
             return ref
-        entry = self._entries.get((tenant_id, agent_id))
-        if entry is None:
-            ref = self._defaults.get((tenant_id, agent_id)) or self._default_for(tenant_id, agent_id)
-        elif entry.challenger is not None and call_bucket(tenant_id, agent_id, call_id) < entry.weight:
-            ref = entry.challenger
-        else:
-            ref = entry.champion
-        self._pins[key] = ref
-        self._call_index[call_id] = key
-        if ref.version is not None:
-            self._leases.acquire(ref.key)
+        # The lock makes "read the live entry, pin, take a lease" one step against a swap and an
+        # unload, also when the runtime calls from several threads; uncontended it costs ~0.1 us.
+        with self._mu:
+            ref = self._pins.get(key)
+            if ref is not None:
+                return ref
+            entry = self._entries.get((tenant_id, agent_id))
+            if entry is None:
+                ref = self._defaults.get((tenant_id, agent_id)) or self._default_for(tenant_id, agent_id)
+            elif entry.challenger is not None and call_bucket(tenant_id, agent_id, call_id) < entry.weight:
+                ref = entry.challenger
+            else:
+                ref = entry.champion
+            self._pins[key] = ref
+            self._call_index[call_id] = key
+            if ref.version is not None:
+                self._leases.acquire(ref.key)
         return ref
 
     def release(self, call_id: str, tenant_id: str | None = None, agent_id: str | None = None) -> None:
         """End the call's pin. Pass tenant and agent when call ids are only unique per agent."""
-        key = (tenant_id, agent_id, call_id) if tenant_id and agent_id else self._call_index.get(call_id)
-        if key is None:
-            return
-        ref = self._pins.pop(key, None)
-        if self._call_index.get(call_id) == key:
-            del self._call_index[call_id]
-        if ref is None or ref.version is None:
-            return
-        if self._leases.release(ref.key) and self._loop is not None:
+        with self._mu:
+            key = (tenant_id, agent_id, call_id) if tenant_id and agent_id else self._call_index.get(call_id)
+            if key is None:
+                return
+            ref = self._pins.pop(key, None)
+            if self._call_index.get(call_id) == key:
+                del self._call_index[call_id]
+            if ref is None or ref.version is None:
+                return
+            now_free = self._leases.release(ref.key)
+        if now_free and self._loop is not None:
             self._loop.call_soon_threadsafe(self._spawn_unload, ref)
 
     def _default_for(self, tenant_id: str, agent_id: str) -> ModelRef:
@@ -202,9 +214,10 @@ class Router:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for t in list(self._tasks):
+        tasks = [*self._tasks, *self._appliers.values()]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._watcher is not None:
             with contextlib.suppress(Exception):  # the connection may already be gone
                 await self._watcher.stop()
@@ -219,7 +232,8 @@ class Router:
                 backoff = 0.05
                 async for entry in self._watcher:
                     if entry is None:  # end of the initial replay
-                        self._ready.set()
+                        if not self._ready.is_set():
+                            self._spawn(self._mark_ready())
                         continue
                     await self._on_entry(entry)
                 log.info("router_watch_restarted")
@@ -231,15 +245,44 @@ class Router:
                 backoff = min(backoff * 2, 2.0)
 
     async def _on_entry(self, entry) -> None:
+        """Queue the newest revision per agent. Each agent has its own applier, so a slow adapter
+        load for one agent never delays another's change, and revisions that arrive while a load
+        runs collapse into the latest (a canary rolled back meanwhile is never loaded at all)."""
         agent = parse_rollout_key(entry.key)
         if agent is None:
             return
+        current = self._entries.get(agent)
+        pending = self._pending.get(agent)
+        if (current is not None and entry.revision <= current.revision) or (
+                pending is not None and entry.revision <= pending.revision):
+            return
+        self._pending[agent] = entry
+        if agent not in self._appliers:
+            self._appliers[agent] = asyncio.create_task(self._applier(agent), name=f"router-apply-{agent}")
+
+    async def _applier(self, agent: tuple[str, str]) -> None:
+        try:
+            while (entry := self._pending.pop(agent, None)) is not None:
+                try:
+                    await self._apply_entry(agent, entry)
+                except Exception as exc:  # noqa: BLE001 - the next revision or resync retries
+                    log.error("rollout_apply_failed", tenant_id=agent[0], agent_id=agent[1],
+                              error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._appliers.pop(agent, None)
+
+    async def _mark_ready(self) -> None:
+        await asyncio.gather(*list(self._appliers.values()), return_exceptions=True)
+        self._ready.set()
+
+    async def _apply_entry(self, agent: tuple[str, str], entry) -> None:
         tenant_id, agent_id = agent
         current = self._entries.get(agent)
         if current is not None and entry.revision <= current.revision:
             return
         if entry.operation in ("DEL", "PURGE"):
-            self._entries.pop(agent, None)
+            with self._mu:
+                self._entries.pop(agent, None)
             self._free(tenant_id, agent_id, set())
             self._notify(tenant_id, agent_id, entry.revision, None)
             return
@@ -256,21 +299,23 @@ class Router:
         bound = log.bind(tenant_id=t, agent_id=a, revision=revision)
         old = self._entries.get((t, a))
         # Hold old and new aliases while loading, so no unload can race the swap.
-        self._leases.set_aliases(t, a, doc.aliased() | (old.doc.aliased() if old else set()))
+        with self._mu:
+            self._leases.set_aliases(t, a, doc.aliased() | (old.doc.aliased() if old else set()))
         champion = self._default_for(t, a) if not doc.champion else None
         if doc.champion:
             champion = await self._ready_ref(t, a, doc.champion, "champion", bound)
             if champion is None:  # cannot serve it: keep what calls get today
-                self._leases.set_aliases(t, a, old.doc.aliased() if old else set())
+                self._free(t, a, old.doc.aliased() if old else set())
                 return
         challenger = None
         if doc.state == "canary" and doc.challenger:
             challenger = await self._ready_ref(t, a, doc.challenger, "challenger", bound)
         weight = doc.canary_weight if challenger is not None else 0.0
-        self._entries[(t, a)] = _Entry(revision, doc, champion, challenger, weight)
         held = {champion.version} if champion.version else set()
         if challenger is not None:
             held.add(challenger.version)
+        with self._mu:
+            self._entries[(t, a)] = _Entry(revision, doc, champion, challenger, weight)
         self._free(t, a, held)
         bound.info("rollout_live", champion=doc.champion, challenger=doc.challenger if challenger else None,
                    weight=weight, state=doc.state)
@@ -298,7 +343,9 @@ class Router:
         return ref
 
     def _free(self, t: str, a: str, held: set[str]) -> None:
-        for key in self._leases.set_aliases(t, a, held):
+        with self._mu:
+            freed = self._leases.set_aliases(t, a, held)
+        for key in freed:
             manifest = self._manifests.get(key)
             if manifest is not None:
                 self._spawn_unload(ref_for(manifest, "champion"))
@@ -326,8 +373,9 @@ class Router:
         key = ref.key
         async with self._lock(key):
             # Re-check under the lock: a new rollout or a new call may hold it again by now.
-            if key not in self._loaded or self._leases.held(key):
-                return
+            with self._mu:
+                if key not in self._loaded or self._leases.held(key):
+                    return
             try:
                 await self.backend.unload(ref)
             except Exception as exc:  # noqa: BLE001

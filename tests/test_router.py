@@ -253,3 +253,43 @@ def test_bench_swap_prints_its_figures_last():
     m = re.fullmatch(r"swap: resolve p99 ([\d.]+) us, propagation p99 ([\d.]+) ms, mid-call switches (\d+)", last)
     assert m, last
     assert int(m.group(3)) == 0
+
+
+async def test_a_slow_load_never_delays_another_agent_and_superseded_canaries_are_skipped(registry, nats_url):
+    await registry.put_manifest(manifest("v1", agent="other"))
+    backend = EchoBackend(load_delay=0.5)
+    router = await Router.connect(nats_url, backend=backend)
+    await registry.change_rollout("acme", "rebook", lambda d: promote(d, "test", version="v1"))
+    await registry.change_rollout("acme", "rebook", lambda d: start_canary(d, "v2", 0.5, "test"))
+    await registry.change_rollout("acme", "rebook", lambda d: rollback(d, "test", "changed my mind"))
+    started = asyncio.get_running_loop().time()
+    await registry.change_rollout("acme", "other", lambda d: promote(d, "test", version="v1"))
+    await wait_for(lambda: router.rollout("acme", "other") is not None)
+    assert asyncio.get_running_loop().time() - started < 0.9  # one load, not queued behind rebook's
+    await wait_for(lambda: router.rollout("acme", "rebook") is not None
+                   and router.rollout("acme", "rebook").state == "rolled_back")
+    assert ("load", "v2") not in backend.events  # the canary ended before its load would have begun
+    await router.stop()
+
+
+async def test_resolve_and_release_from_many_threads_keep_leases_exact(registry, nats_url):
+    router = await Router.connect(nats_url, backend=EchoBackend())
+    await registry.change_rollout("acme", "rebook", lambda d: promote(d, "test", version="v1"))
+    await registry.change_rollout("acme", "rebook", lambda d: start_canary(d, "v2", 0.5, "test"))
+    await wait_for(lambda: router.rollout("acme", "rebook") is not None
+                   and router.rollout("acme", "rebook").state == "canary")
+
+    def worker(w: int) -> int:
+        switches = 0
+        for i in range(2000):
+            cid = f"t{w}-{i % 50}"
+            first = router.resolve("acme", "rebook", cid)
+            switches += router.resolve("acme", "rebook", cid) is not first
+            if i % 3 == 0:
+                router.release(cid, "acme", "rebook")
+        return switches
+
+    assert sum(await asyncio.gather(*(asyncio.to_thread(worker, w) for w in range(8)))) == 0
+    pinned = list(router._pins)
+    assert router.live_calls("acme", "rebook", "v1") + router.live_calls("acme", "rebook", "v2") == len(pinned)
+    await router.stop()
