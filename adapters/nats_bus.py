@@ -527,7 +527,8 @@ class Ingestor:
 
         events = result.events
         try:
-            written = await self._write(events, dead_records, msgs)
+            last_chance = any(item.num_delivered >= self.bus.max_deliver for item, _ in result.accepted)
+            written = await self._write(events, dead_records, msgs, last_chance=last_chance)
         except Exception as exc:  # noqa: BLE001 - every store failure is handled per message below
             await self._store_failed(result.accepted, dead_records, msgs, exc)
             written = None
@@ -537,16 +538,21 @@ class Ingestor:
         for msg in to_ack:
             await msg.ack()  # fire-and-forget: a lost ack means a redelivery, which changes nothing
 
-    async def _write(self, events: Sequence, dead_letters: Sequence[DeadLetter], msgs: list[Msg]) -> WriteResult:
+    async def _write(self, events: Sequence, dead_letters: Sequence[DeadLetter], msgs: list[Msg], *,
+                     last_chance: bool = False) -> WriteResult:
         """One transaction; transient errors (a locked database) are retried here, holding the batch
-        with in-progress acks so it is not redelivered elsewhere, and fetching nothing meanwhile."""
+        with in-progress acks so it is not redelivered elsewhere, and fetching nothing meanwhile.
+        After `store_retry_s` the batch is nak'ed with a delay, unless it holds a message on its last
+        delivery: then it is held until the store recovers, since a busy disk is no reason to
+        dead-letter a valid event."""
         deadline = time.monotonic() + self.bus.store_retry_s
         delay = 0.05
         while True:
             try:
                 return await self._in_store_thread(msgs, events, dead_letters)
             except Exception as exc:
-                if not self.is_transient(exc) or time.monotonic() >= deadline or self.stop.is_set():
+                if not self.is_transient(exc) or self.stop.is_set() or \
+                        (time.monotonic() >= deadline and not last_chance):
                     raise
                 self.stats.store_retries += 1
                 log.warning("store_busy", error=str(exc)[:200], retry_in_s=delay, events=len(events))
@@ -601,7 +607,7 @@ class Ingestor:
             failed = [(item, stored, exc) for item, stored in accepted]
         for item, stored, err in failed:
             msg = msgs[item.index]
-            if item.num_delivered >= self.bus.max_deliver:
+            if item.num_delivered >= self.bus.max_deliver and not self.is_transient(err):
                 rej = store_failure(item, stored.event, err)
                 if await self._dead_letter(rej, log_level="error", call_id=stored.event.call_id,
                                            event_id=stored.event.event_id):
