@@ -190,6 +190,8 @@ class Router:
         """Begin watching; waits (bounded) for the first full read so a fresh process starts with
         the current assignments. Calls resolved before that get the default (base) model."""
         self._loop = asyncio.get_running_loop()
+        if self._nc is None:
+            self._chain_reconnect(getattr(self.registry, "nc", None))
         if self.registry is not None and self._task is None:
             self._task = asyncio.create_task(self._watch_forever(), name="router-watch")
             if wait_ready:
@@ -197,6 +199,20 @@ class Router:
                     await asyncio.wait_for(self._ready.wait(), wait_ready)
                 except TimeoutError:
                     log.warning("router_not_ready", waited_s=wait_ready)
+
+    def _chain_reconnect(self, nc) -> None:
+        """On a connection shared with the runtime, re-read after its reconnects too, keeping any
+        callback it set. nats-py keeps one reconnected callback per client, read at each reconnect."""
+        if nc is None or not hasattr(nc, "_reconnected_cb"):
+            return
+        previous = nc._reconnected_cb
+
+        async def reconnected() -> None:
+            if previous is not None:
+                await previous()
+            self.resync()
+
+        nc._reconnected_cb = reconnected
 
     async def ready(self) -> None:
         await self._ready.wait()

@@ -222,8 +222,16 @@ async def test_a_killed_router_process_resumes_the_canary_from_kv(registry, nats
     assert 20 < sum(v == "v2" for v in after["arms"].values()) < 80
 
 
-async def test_router_catches_up_after_nats_restarts(registry, nats_server, nats_url):
-    router = await Router.connect(nats_url)
+@pytest.mark.parametrize("connection", ["own", "shared"])
+async def test_router_catches_up_after_nats_restarts(registry, nats_server, nats_url, connection):
+    if connection == "own":
+        router = await Router.connect(nats_url)
+    else:  # the runtime's connection, reconnecting forever, with its own reconnect callback
+        from agent_dpo_adapters.nats_bus import connect
+
+        shared = await connect(nats_url)
+        router = Router(await NatsRegistry.open(shared))
+        await router.start()
     await registry.change_rollout("acme", "rebook", lambda d: promote(d, "test", version="v1"))
     await wait_for(lambda: router.rollout("acme", "rebook") is not None)
     await registry.nc.close()
@@ -240,6 +248,8 @@ async def test_router_catches_up_after_nats_restarts(registry, nats_server, nats
     assert router.resolve("acme", "rebook", "after-outage").version == "v2"
     await router.stop()
     await nc.close()
+    if connection == "shared":
+        await shared.close()
 
 
 def test_bench_swap_prints_its_figures_last():
