@@ -152,7 +152,7 @@ async def bench(n: int, rounds: int, batch: int) -> tuple[float, float]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ingest", help="agent-dpo ingest vs a plain nats-py fetch+ack loop")
     p.add_argument("--events", type=int, default=50_000, help="events per run (default 50000)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds, best of each (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds, best of each (default 3)")
     p.add_argument("--batch-size", type=int, default=1000, help="fetch batch for both sides (default 1000)")
     p.set_defaults(func=run)
 
