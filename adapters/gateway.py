@@ -118,6 +118,8 @@ class Gateway:
         if path == "/v1/models":
             return 200, {"object": "list", "data": [
                 {"id": f"{t}/{a}", "object": "model", "owned_by": t} for t, a in self.router.agents()]}, {}
+        if path.startswith("/v1/calls/"):
+            return self._call(method, path)
         if path != "/v1/chat/completions":
             raise HttpError(404, f"no route {path}", "not_found")
         if method != "POST":
@@ -129,6 +131,25 @@ class Gateway:
         if not isinstance(req, dict):
             raise HttpError(400, "body must be a JSON object")
         return await self._chat(req, headers)
+
+    def _call(self, method: str, path: str):
+        """`GET /v1/calls/<tenant>/<agent>/<call_id>` pins the call (if new) and says what serves it,
+        so a runtime can stamp `call.started` before the first turn; `DELETE` ends the call."""
+        parts = path[len("/v1/calls/"):].split("/")
+        if len(parts) != 3 or not all(ID_RE.match(p) for p in parts[:2]) or not parts[2]:
+            raise HttpError(404, "use /v1/calls/<tenant>/<agent>/<call_id>", "not_found")
+        tenant_id, agent_id, call_id = parts
+        key = (tenant_id, agent_id, call_id)
+        if method == "DELETE":
+            self._end_call(key)
+            return 200, {"released": True}, {}
+        if method != "GET":
+            raise HttpError(405, "use GET or DELETE")
+        ref = self.router.resolve(tenant_id, agent_id, call_id)
+        self._last_seen[key] = time.monotonic()
+        model = {"name": ref.serve_name, **({"version": ref.version} if ref.version else {})}
+        return 200, {"tenant_id": tenant_id, "agent_id": agent_id, "call_id": call_id, "model": model,
+                     "arm": ref.arm}, {"X-Model-Version": _version_label(ref)}
 
     async def _chat(self, req: dict[str, Any], headers: dict[str, str]):
         model = req.get("model")

@@ -233,6 +233,14 @@ class CanaryController:
             k = (tenant_id, agent_id, doc.challenger, doc.step)
             self._step_calls[k] = self._step_calls.get(k, 0) + 1
 
+    def record_call(self, call) -> bool:
+        """Feed an assembled call (`agent_dpo.calls.Call`); False when it has not ended yet."""
+        outcome = outcome_from_call(call)
+        if outcome is None:
+            return False
+        self.record(call.tenant_id, call.agent_id, outcome)
+        return True
+
     def stats(self, tenant_id: str, agent_id: str, version: str | None) -> ArmStats:
         return self._arms.get((tenant_id, agent_id, version), ArmStats())
 

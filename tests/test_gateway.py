@@ -88,6 +88,13 @@ async def test_gateway_pins_each_call_across_a_promote(registry):
         assert text == "served by v2"
 
         assert [m.id async for m in client.models.list()] == ["acme/rebook"]
+        # A runtime asks what serves a call before its first turn, to stamp call.started.
+        http = client._client  # the SDK's own httpx client, same base URL
+        pin = (await http.get(f"{gateway.base_url}/calls/acme/rebook/call-p")).json()
+        assert pin["model"] == {"name": "rebook--v2", "version": "v2"} and pin["arm"] == "champion"
+        assert (await ask(client, "call-p"))[0] == "v2"
+        assert (await http.delete(f"{gateway.base_url}/calls/acme/rebook/call-p")).json() == {"released": True}
+        assert router.pinned("acme", "rebook", "call-p") is None
         with pytest.raises(BadRequestError, match="tenant"):
             await ask(client, "call-x", model="rebook")
         unknown_version, _ = await ask(client, "call-y", model="acme/other-agent")
