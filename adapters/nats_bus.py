@@ -55,13 +55,15 @@ def connect_options(auth: NatsAuth) -> dict[str, Any]:
 async def connect(url: str, auth: NatsAuth | None = None, *, name: str = "agent-dpo",
                   connect_timeout: float = 5.0) -> Client:
     """Connect with reconnects that never give up: a restarted server is picked up again, and
-    publishes/acks made while it is away are buffered and sent after the reconnect."""
+    publishes/acks made while it is away are buffered and sent after the reconnect. `url` may list
+    several servers of a cluster, comma-separated."""
     auth = auth or NatsAuth()
+    servers = [u.strip() for u in url.split(",") if u.strip()]
 
-    errors: list[str] = []
+    errors: list[str] = []  # the last one, for the error message if the first connection fails
 
     async def on_error(exc: Exception) -> None:
-        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        errors[:] = [f"{type(exc).__name__}: {exc}"[:300]]
         log.warning("nats_error", error=errors[-1])
 
     client: list[Client] = []
@@ -75,7 +77,7 @@ async def connect(url: str, auth: NatsAuth | None = None, *, name: str = "agent-
 
     try:
         nc = await nats.connect(
-            url, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
+            servers, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
             # A few tries for the first connection (a wrong URL fails fast, as a one-line error) ...
             max_reconnect_attempts=2, reconnect_time_wait=0.5, ping_interval=10, max_outstanding_pings=3,
             # Our subjects are built from validated ids; acks are reply subjects from the server.
