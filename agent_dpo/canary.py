@@ -265,6 +265,8 @@ class CanaryController:
         """Let `version` into canary at the first step if its eval results pass the gates
         (`force` skips the gates: an operator's explicit choice, recorded in the reason)."""
         failures = [] if force else gate_failures(eval_result, self.gates)
+        if await self.registry.get_manifest(tenant_id, agent_id, version) is None:
+            failures = [f"no manifest for {version}"]
         if failures:
             d = Decision("refuse", f"{version} refused: " + "; ".join(failures), 0, 0.0)
             await self._publish(tenant_id, agent_id, version, d)
