@@ -37,6 +37,7 @@ def test_bus_init_is_idempotent_and_applies_changed_settings(nats_url):
     assert first.returncode == 0, first.stderr
     assert first.stdout.split("\n")[:3] == ["AGENT_EVENTS: created", "AGENT_DPO_DLQ: created",
                                             "AGENT_EVENTS/agent-dpo-ingest: created"]
+    assert "registry KV bucket: ready" in first.stdout  # the other components' resources too
     again = run("bus", "init", "--nats-url", nats_url)
     assert again.stdout.count("unchanged") == 3
     changed = run("bus", "init", "--nats-url", nats_url, "--duplicate-window", "900",

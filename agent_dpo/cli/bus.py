@@ -29,8 +29,35 @@ def run_missing(_args: argparse.Namespace) -> int:
     raise UsageError("bus needs a command: init")
 
 
+# The other components' JetStream resources, each made ready by its adapter's idempotent function:
+# (label, module, function taking `js`).
+OTHER_RESOURCES = (
+    ("registry KV bucket", "agent_dpo_adapters.nats_registry", "open_registry_bucket"),
+    ("artifact object store", "agent_dpo_adapters.nats_artifacts", "open_artifact_store"),
+    ("training job streams", "agent_dpo_adapters.nats_jobs", "ensure_job_streams"),
+)
+
+
+async def ensure_other_resources(js) -> dict[str, str]:
+    import importlib
+
+    done = {}
+    for label, module_name, function in OTHER_RESOURCES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue  # that component is not part of this install
+        await getattr(module, function)(js)
+        done[label] = "ready"
+    return done
+
+
 def run_init(args: argparse.Namespace) -> int:
+    import nats.errors
+    import nats.js.errors
     from agent_dpo_adapters.nats_bus import connect, ensure_bus
+
+    from agent_dpo.errors import AgentDpoError
 
     conf = settings(args, duplicate_window_s=args.duplicate_window)
     url = nats_url(args)
@@ -38,7 +65,13 @@ def run_init(args: argparse.Namespace) -> int:
     async def main() -> dict[str, str]:
         nc = await connect(url, conf.nats, name="agent-dpo bus init")
         try:
-            return await ensure_bus(nc.jetstream(), conf.bus)
+            js = nc.jetstream()
+            result = await ensure_bus(js, conf.bus)
+            try:
+                result.update(await ensure_other_resources(js))
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                raise AgentDpoError(f"bus init failed: {exc}") from None
+            return result
         finally:
             await nc.close()
 
