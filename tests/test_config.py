@@ -109,3 +109,21 @@ async def test_tls_with_a_ca_and_client_certificates(tmp_path):
         await _can_publish(server.url.replace("nats://", "tls://"), tls)
         with pytest.raises(AgentDpoError):  # no client certificate: refused
             await _can_publish(server.url.replace("nats://", "tls://"), NatsAuth(tls_ca=str(tmp_path / "ca.pem")))
+
+
+def test_cli_reads_auth_from_the_environment(tmp_path):
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_DPO_")}
+    with EmbeddedNats(store_dir=tmp_path / "nats", extra_args=["--auth", "cli-token"]) as server:
+        def bus_init(extra: dict) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", "bus", "init",
+                                   "--nats-url", server.url], env={**env, **extra}, capture_output=True, text=True,
+                                  check=False, timeout=60)
+
+        refused = bus_init({})
+        assert refused.returncode == 1 and "cannot connect" in refused.stderr
+        ok = bus_init({"AGENT_DPO_NATS_TOKEN": "cli-token"})
+        assert ok.returncode == 0, ok.stderr
+        assert "cli-token" not in ok.stderr + refused.stderr  # secrets never reach the logs
