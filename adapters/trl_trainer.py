@@ -47,7 +47,7 @@ class TrlPhases:
         _seed(config.seed)
         # Prompt/completion rows: TRL masks the prompt, so the loss is on the assistant completion only.
         args = SFTConfig(**_common_args(config, out_dir, config.sft_steps, config.sft_learning_rate),
-                         completion_only_loss=True)
+                         completion_only_loss=True, truncation_mode=config.truncation_mode)
         trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(rows), processing_class=tokenizer,
                              peft_config=_lora(config))
         steps = _train(trainer, "sft", metrics, config.sft_steps)
@@ -67,7 +67,8 @@ class TrlPhases:
             from trl import DPOConfig, DPOTrainer
 
             args = DPOConfig(**_common_args(config, out_dir, config.max_steps, config.learning_rate),
-                             beta=config.beta, loss_type=[config.loss_type])
+                             beta=config.beta, loss_type=[config.loss_type],
+                             truncation_mode=config.truncation_mode)
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(rows),
                                  processing_class=tokenizer, peft_config=_lora(config))
         else:

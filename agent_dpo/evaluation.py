@@ -54,6 +54,9 @@ class EvalSettings:
     max_pairs: int | None = None  # score at most this many held-out pairs (seeded sample)
     batch_size: int = 8
     device: str | None = None
+    # The training window when the version trained with truncation_mode keep_end: the oldest context
+    # is dropped so the model is scored and generates on what it was trained to see.
+    max_length: int | None = None
 
 
 def check_judge_allowed(judge: Judge, meta: dict) -> None:
@@ -92,8 +95,8 @@ def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge
     cand_model = load_policy(candidate, store_dir, device)
     base_model = load_policy(baseline, store_dir, device)
 
-    cand_margins = sequence_logps(cand_model, tokenizer, pairs, device)
-    base_margins = sequence_logps(base_model, tokenizer, pairs, device)
+    cand_margins = sequence_logps(cand_model, tokenizer, pairs, device, settings.max_length)
+    base_margins = sequence_logps(base_model, tokenizer, pairs, device, settings.max_length)
     rewards = [settings.beta * ((c_ch - b_ch) - (c_rj - b_rj))
                for (c_ch, c_rj), (b_ch, b_rj) in zip(cand_margins, base_margins)]
     preference_accuracy = sum(r > 0 for r in rewards) / len(rewards)
@@ -163,8 +166,10 @@ def _encode(tokenizer: Any, prompt: list[dict], completion: list[dict], tools: A
     return list(full_ids), start
 
 
-def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str) -> list[tuple[float, float]]:
-    """(log p(chosen | prompt), log p(rejected | prompt)) per pair, summed over completion tokens."""
+def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str,
+                   max_length: int | None = None) -> list[tuple[float, float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) per pair, summed over completion tokens;
+    with max_length, on the last max_length tokens (the oldest context dropped, as keep_end trains)."""
     import torch
 
     out = []
@@ -173,6 +178,9 @@ def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str) -
             scores = []
             for key in ("chosen", "rejected"):
                 ids, start = _encode(tokenizer, pair["prompt"], pair[key], pair.get("tools"))
+                if max_length is not None and len(ids) > max_length:
+                    cut = len(ids) - max_length
+                    ids, start = ids[cut:], max(1, start - cut)
                 input_ids = torch.tensor([ids], device=device)
                 # Only the positions that predict completion tokens need the vocabulary projection.
                 keep = len(ids) - start + 1
@@ -198,9 +206,14 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
     try:
         for i in range(0, len(prompts), settings.batch_size):
             chunk = prompts[i:i + settings.batch_size]
-            texts = [tokenizer.apply_chat_template(template_messages(p["prompt"]), tools=_tool_list(p.get("tools")),
-                                                   add_generation_prompt=True, tokenize=False) for p in chunk]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            window = None if settings.max_length is None else max(1, settings.max_length - settings.max_new_tokens)
+            encoded = []
+            for p in chunk:
+                ids = tokenizer.apply_chat_template(template_messages(p["prompt"]), tools=_tool_list(p.get("tools")),
+                                                    add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+                encoded.append({"input_ids": list(ids)[-window:] if window else list(ids)})
+            batch = tokenizer.pad(encoded, return_tensors="pt").to(device)
             torch.manual_seed(settings.seed)
             with torch.no_grad():
                 generated = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,

@@ -194,6 +194,7 @@ def test_train_cli_runs_inline_and_prints_the_result(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
     proc = run_cli("train", "--agent", "acme/salon", "--data", str(data), "--base-model", str(tiny_model_dir),
                    "--base-is-sft", "--max-steps", "1", "--batch-size", "2", "--version", "v1",
+                   "--max-length", "48", "--truncation-mode", "keep_end",
                    "--store", str(tmp_path / "store"), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pairs", type=int, help="score at most this many held-out pairs")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--device", help="cpu, cuda ... (default: cuda when available)")
+    p.add_argument("--max-length", type=int,
+                   help="score and generate on the last N tokens (default: the version's training window "
+                        "when it trained with truncation_mode keep_end, else the whole context)")
     p.add_argument("--out", metavar="FILE", help="also write the report here (default: the run's eval.json)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_store_option(p)
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         check_judge_allowed(judge, meta)  # before loading any model
     settings = EvalSettings(beta=args.beta if args.beta is not None else version.get("beta", 0.1),
                             seed=args.seed, max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
-                            max_pairs=args.max_pairs, device=args.device)
+                            max_pairs=args.max_pairs, device=args.device,
+                            max_length=args.max_length or version.get("window"))
     rows = [r for r in read_rows(data) if "chosen" in r and "rejected" in r]
     if not rows:
         raise AgentDpoError(f"{data} holds no trl-dpo pairs to evaluate on")
@@ -116,7 +120,12 @@ def resolve_version(store: Path, tenant: str, agent: str, name: str | None) -> d
             "adapter_dir": Path(record["artifact_dir"]),
             "sft_dir": Path(record["sft_artifact_dir"]) if record.get("sft_artifact_dir") else None,
             "beta": (record.get("config") or {}).get("beta", 0.1), "run_dir": result_file.parent,
+            "window": _window(record.get("config") or {}),
             "base_is_sft": (record.get("config") or {}).get("base_is_sft", False)}
+
+
+def _window(config: dict) -> int | None:
+    return config.get("max_length") if config.get("truncation_mode") == "keep_end" else None
 
 
 def _from_folder(folder: Path) -> dict[str, Any]:

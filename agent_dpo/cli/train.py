@@ -16,8 +16,8 @@ from agent_dpo.errors import AgentDpoError, UsageError
 
 # CLI flag -> TrainConfig field, for flags that override the config file when given.
 _OVERRIDES = ("backend", "method", "base_model", "sft_steps", "sft_learning_rate", "beta", "loss_type",
-              "learning_rate", "max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "seed",
-              "device")
+              "learning_rate", "max_steps", "batch_size", "grad_accum", "max_length", "truncation_mode",
+              "lora_r", "seed", "device")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--max-length", type=int)
+    p.add_argument("--truncation-mode", choices=("keep_start", "keep_end"),
+                   help="rows over --max-length: cut the completion's end (keep_start, default) or drop the "
+                        "oldest context (keep_end)")
     p.add_argument("--lora-r", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -46,6 +46,10 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 1024
+    # Rows longer than max_length: keep_start cuts the completion's end (TRL's default); keep_end drops
+    # the oldest context instead (system prompt and tools first), which lets long agent calls train on
+    # a CPU; evaluation then scores and generates with the same window. (TRL 1.16: SFT and DPO only.)
+    truncation_mode: str = "keep_start"
     lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
@@ -83,6 +87,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise UsageError(f"truncation_mode must be keep_start or keep_end, not {self.truncation_mode!r}")
         if self.sft_steps < 0:
             raise UsageError(f"sft_steps must be 0 or more, not {self.sft_steps}")
         if not self.beta > 0:
