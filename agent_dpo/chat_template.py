@@ -11,10 +11,13 @@ from typing import Any
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
-# ChatML with three additions: the offered tools as JSON lines in the system turn, assistant tool calls
+# ChatML with three additions: the offered tools as JSON lines opening the system turn, assistant tool calls
 # as <tool_call>{"name", "arguments"}</tool_call> blocks, and `tool` turns tagged with their call id.
 # Arguments arrive either as objects (trl formats) or as JSON text (openai format): objects are dumped,
 # text is written as it is, so a malformed call stays malformed and the schema check can see it.
+# The tools come before the system prompt: they are identical across an agent's calls while the prompt
+# varies (site, date), so the longest shared token prefix of a batch covers them and the prefix-tree
+# engine (and a serving engine's prefix cache) computes them once.
 TOOL_CHAT_TEMPLATE = r"""
 {%- macro render_call(tc) -%}
 {%- set fn = tc.function if tc.function is defined else tc -%}
@@ -26,13 +29,13 @@ TOOL_CHAT_TEMPLATE = r"""
 {%- set has_system = messages | length > 0 and messages[0].role == 'system' -%}
 {%- if has_system or tools -%}
 {{- '<|im_start|>system\n' -}}
-{%- if has_system and messages[0].content is not none -%}{{- messages[0].content -}}{%- endif -%}
 {%- if tools -%}
-{%- if has_system and messages[0].content -%}{{- '\n\n' -}}{%- endif -%}
 {{- '# Tools\n\nYou can call these tools (JSON, one per line):\n<tools>\n' -}}
 {%- for tool in tools -%}{{- (tool.function if tool.function is defined else tool) | tojson -}}{{- '\n' -}}{%- endfor -%}
 {{- '</tools>\n\nTo call a tool, answer with one block per call:\n<tool_call>{"name": <tool name>, "arguments": <arguments as a JSON object>}</tool_call>' -}}
+{%- if has_system and messages[0].content -%}{{- '\n\n' -}}{%- endif -%}
 {%- endif -%}
+{%- if has_system and messages[0].content is not none -%}{{- messages[0].content -}}{%- endif -%}
 {{- '<|im_end|>\n' -}}
 {%- endif -%}
 {%- for message in messages -%}
