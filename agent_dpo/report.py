@@ -168,8 +168,14 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _preference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The DPO/KTO phase of a run that also logged SFT steps (each phase counts its own steps)."""
+    preference = [r for r in rows if r.get("phase") in ("dpo", "kto")]
+    return preference or rows
+
+
 def _training_chart(report: RunReport, path: Path) -> bool:
-    series = {v: _read_metrics(p) for v, p in report.training_metrics.items()}
+    series = {v: _preference_rows(_read_metrics(p)) for v, p in report.training_metrics.items()}
     series = {v: rows for v, rows in series.items() if rows}
     if not series:
         return False
