@@ -103,7 +103,8 @@ def stream_config(bus: BusConfig) -> api.StreamConfig:
     return api.StreamConfig(
         name=bus.stream, subjects=bus.subjects, storage=api.StorageType.FILE,
         retention=api.RetentionPolicy.LIMITS, duplicate_window=bus.duplicate_window_s,
-        num_replicas=bus.replicas, description="agent-dpo: agent call events (contract v1)")
+        max_age=bus.max_age_s, num_replicas=bus.replicas,
+        description="agent-dpo: agent call events (contract v1)")
 
 
 def dlq_stream_config(bus: BusConfig) -> api.StreamConfig:
@@ -127,6 +128,8 @@ def _stream_diff(have: api.StreamConfig, want: api.StreamConfig) -> list[str]:
         diffs.append("subjects")
     if _seconds(have.duplicate_window) != _seconds(want.duplicate_window):
         diffs.append("duplicate_window")
+    if _seconds(have.max_age) != _seconds(want.max_age):
+        diffs.append("max_age")
     if (have.num_replicas or 1) != (want.num_replicas or 1):
         diffs.append("num_replicas")
     if have.storage != want.storage:
@@ -162,7 +165,8 @@ async def _ensure_stream(js: JetStreamContext, want: api.StreamConfig, update: b
         return "unchanged"
     # update_stream replaces the whole config: start from what the server has, change only our fields.
     merged = info.config.evolve(subjects=want.subjects, duplicate_window=want.duplicate_window,
-                                num_replicas=want.num_replicas, description=want.description)
+                                max_age=want.max_age, num_replicas=want.num_replicas,
+                                description=want.description)
     await js.update_stream(merged)
     return "updated " + ",".join(diffs)
 

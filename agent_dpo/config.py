@@ -16,6 +16,7 @@ File (`--config PATH` or env `AGENT_DPO_CONFIG`), every key optional:
     nak_delay_s = 5
     store_retry_s = 10
     replicas = 1
+    max_age_s = 0              # 0: keep events in the stream until removed by hand
 
     [nats]                     # authentication and TLS; env AGENT_DPO_NATS_<KEY> wins, e.g. AGENT_DPO_NATS_TOKEN
     user = "ingest"
@@ -68,6 +69,9 @@ class BusConfig:
     store_retry_s: float = 10.0
     # Stream and dead-letter stream replicas (3 on a clustered NATS).
     replicas: int = 1
+    # How long the event stream keeps messages (0: until removed by hand). The store is the system
+    # of record once ingested; a bound keeps the server's disk bounded. The dead-letter stream keeps all.
+    max_age_s: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +95,8 @@ class BusConfig:
             problems.append("backoff_s[0] may not be below ack_wait_s (JetStream uses it as the first ack wait)")
         if not 0 <= self.store_retry_s < self.ack_wait_s / 2:
             problems.append("store_retry_s must be >= 0 and below ack_wait_s / 2")
+        if self.max_age_s < 0 or (0 < self.max_age_s < self.duplicate_window_s):
+            problems.append("max_age_s must be 0 (keep) or at least duplicate_window_s")
         if not 1 <= self.replicas <= 5:
             problems.append("replicas must be 1..5")
         if self.max_ack_pending < self.batch_size:

@@ -41,8 +41,8 @@ def test_bus_init_is_idempotent_and_applies_changed_settings(nats_url):
     again = run("bus", "init", "--nats-url", nats_url)
     assert again.stdout.count("unchanged") == 3
     changed = run("bus", "init", "--nats-url", nats_url, "--duplicate-window", "900",
-                  env={"AGENT_DPO_BUS_MAX_DELIVER": "7"})
-    assert "AGENT_EVENTS: updated duplicate_window" in changed.stdout
+                  env={"AGENT_DPO_BUS_MAX_DELIVER": "7", "AGENT_DPO_BUS_MAX_AGE_S": "604800"})
+    assert "AGENT_EVENTS: updated duplicate_window,max_age" in changed.stdout
     assert "AGENT_EVENTS/agent-dpo-ingest: updated max_deliver" in changed.stdout
 
 
