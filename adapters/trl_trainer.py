@@ -2,13 +2,15 @@
 (SFTTrainer, DPOTrainer, KTOTrainer) with LoRA through PEFT, on CPU in fp32 or on a GPU.
 
 Several GPUs: run the same command under `accelerate launch` (e.g.
-`accelerate launch --num_processes 4 -m agent_dpo.cli train --agent T/A --backend trl ...`); the
-trainers shard batches across processes and only the main process writes the artifact."""
+`accelerate launch --num_processes 4 -m agent_dpo.cli train --agent T/A --backend trl ...`): every
+process trains data-parallel and only the main one writes the run folder (adapters, metrics, plot).
+Not exercised in this project's tests, which have no GPU."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,11 @@ class TrlPhases:
     """The recipe's phases on TRL trainers. Each phase builds its trainer, trains `max_steps`, saves
     its adapter (safetensors) and hands the model on."""
 
+    def __init__(self) -> None:
+        # One process per GPU under `accelerate launch` / torchrun (they set RANK): all train, only
+        # rank 0 writes files. Read from the environment so nothing initialises devices this early.
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+
     def load(self, config: TrainConfig, store_dir: Path) -> tuple[Any, Any]:
         from agent_dpo_adapters.hf_models import load_model, load_tokenizer
 
@@ -52,7 +59,8 @@ class TrlPhases:
                              peft_config=_lora(config))
         steps = _train(trainer, "sft", metrics, config.sft_steps)
         trained = trainer.model
-        _save(trained, out_dir, config)
+        if self.is_main:
+            _save(trained, out_dir, config)
         merged = trained.merge_and_unload() if config.lora else trained
         _unpatch(merged)
         return merged, out_dir, steps
@@ -84,7 +92,8 @@ class TrlPhases:
             trainer = KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(rows),
                                  processing_class=tokenizer, peft_config=_lora(config))
         steps = _train(trainer, config.method, metrics, config.max_steps)
-        _save(trainer.model, out_dir, config)
+        if self.is_main:
+            _save(trainer.model, out_dir, config)
         return out_dir, steps
 
 
@@ -185,9 +194,13 @@ class _StepMetrics(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
 
+        if not state.is_world_process_zero:
+            return
         self.bar = tqdm(total=self.max_steps, desc=self.phase, unit="step", dynamic_ncols=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         logs = dict(logs or {})
         if "train_runtime" in logs:  # the end-of-training summary, not a step
             return

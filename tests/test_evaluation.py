@@ -57,12 +57,12 @@ def trained(tmp_path_factory, tiny_model_dir, smollm2_store):
     data = write_jsonl(tmp / "train.jsonl", pair_rows(8))
     proc = subprocess.run(
         [sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", "train", "--agent", "acme/salon",
-         "--data", str(data), "--base-model", str(tiny_model_dir), "--sft-steps", "1", "--max-steps", "2",
+         "--data", str(data), "--base-model", str(tiny_model_dir), "--sft-steps", "1", "--max-steps", "1",
          "--batch-size", "2", "--learning-rate", "1e-3", "--version", "v1", "--store", str(store), "--json"],
         check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    held_out = write_jsonl(tmp / "test.jsonl", pair_rows(6)[2:])
-    (tmp / "test.jsonl.meta.json").write_text(json.dumps({"labelled_by": {"simulator-rubric": 4}}))
+    held_out = write_jsonl(tmp / "test.jsonl", pair_rows(5)[2:])
+    (tmp / "test.jsonl.meta.json").write_text(json.dumps({"labelled_by": {"simulator-rubric": 3}}))
     return json.loads(proc.stdout), store, held_out
 
 
@@ -71,17 +71,17 @@ def test_report_has_the_gate_keys_and_is_reproducible(trained, tiny_model_dir):
     rows = [json.loads(line) for line in held_out.read_text().splitlines()]
     candidate = Policy("v1", str(tiny_model_dir), Path(result["artifact_dir"]))
     baseline = Policy("v1:sft", str(tiny_model_dir), Path(result["sft_artifact_dir"]))
-    settings = EvalSettings(seed=7, max_new_tokens=12)
+    settings = EvalSettings(seed=7, max_new_tokens=10)
     first = evaluate(rows, candidate, baseline, LongerAnswerJudge(), store, settings)
     second = evaluate(rows, candidate, baseline, LongerAnswerJudge(), store, settings)
     assert REPORT_KEYS <= set(first)
     first.pop("wall_s"), second.pop("wall_s")
     assert first == second
-    assert (first["version"], first["baseline"], first["n"]) == ("v1", "v1:sft", 4)
+    assert (first["version"], first["baseline"], first["n"]) == ("v1", "v1:sft", 3)
     assert 0.0 <= first["preference_accuracy"] <= 1.0
     low, high = first["win_rate_ci"]
     assert low <= first["win_rate"] <= high
-    assert first["wins"] + first["ties"] + first["losses"] == first["n_prompts"] == 4
+    assert first["wins"] + first["ties"] + first["losses"] == first["n_prompts"] == 3
 
 
 def test_version_against_itself_has_no_preference_and_only_ties(trained, tiny_model_dir):

@@ -58,7 +58,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def tiny_job(tmp: Path, model_dir: Path, store: Path, rows: list[dict], **config) -> TrainJob:
-    settings = {"base_model": str(model_dir), "sft_steps": 2, "max_steps": 3, "batch_size": 2,
+    settings = {"base_model": str(model_dir), "sft_steps": 1, "max_steps": 2, "batch_size": 2,
                 "max_length": 256, "lora_r": 4, "lora_alpha": 8}
     settings.update(config)
     return TrainJob(tenant_id="acme", agent_id="salon", config=TrainConfig(**settings),
@@ -82,13 +82,13 @@ def test_sft_then_dpo_writes_adapter_with_digest_metrics_and_plot(dpo_run):
     assert result.artifact_digest == artifact_digest(result.artifact_dir)
     assert result.artifact_digest.startswith("sha256:") and len(result.artifact_digest) == 71
     assert result.sft_artifact_dir is not None and (result.sft_artifact_dir / "adapter_model.safetensors").is_file()
-    assert result.steps == 5
+    assert result.steps == 3
 
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
-    assert [(r["phase"], r["step"]) for r in rows] == [("sft", 1), ("sft", 2), ("dpo", 1), ("dpo", 2), ("dpo", 3)]
+    assert [(r["phase"], r["step"]) for r in rows] == [("sft", 1), ("dpo", 1), ("dpo", 2)]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert all(key in r for r in rows if r["phase"] == "dpo"), key
-    assert [p["step"] for p in progress] == [1, 2, 1, 2, 3]
+    assert [p["step"] for p in progress] == [1, 1, 2]
     assert result.plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((result.artifact_dir.parent / "result.json").read_text())
     assert record["artifact_digest"] == result.artifact_digest and record["config"]["beta"] == 0.1
@@ -124,7 +124,7 @@ def test_stacked_adapter_equals_sft_merged_then_preference_adapter(dpo_run, tiny
 
 
 def test_sft_then_kto_logs_kl(tmp_path, tiny_model_dir, smollm2_store):
-    job = tiny_job(tmp_path, tiny_model_dir, smollm2_store, kto_rows(), method="kto", sft_steps=1, max_steps=2)
+    job = tiny_job(tmp_path, tiny_model_dir, smollm2_store, kto_rows(), method="kto")
     result = get_backend("trl").train(job, lambda _: None)
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     kto = [r for r in rows if r["phase"] == "kto"]
@@ -208,3 +208,11 @@ def test_train_cli_bad_input_is_one_line():
         proc = run_cli(*args)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_full_fine_tune_saves_the_model_as_the_artifact(tmp_path, tiny_model_dir, smollm2_store):
+    job = tiny_job(tmp_path, tiny_model_dir, smollm2_store, pair_rows(4), lora=False, max_steps=1)
+    result = get_backend("trl").train(job, lambda _: None)
+    names = {p.name for p in result.artifact_dir.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names and "adapter_config.json" not in names
+    assert result.artifact_digest == artifact_digest(result.artifact_dir)

@@ -205,6 +205,12 @@ def run(job: TrainJob, on_progress: Progress, phases: RecipePhases, backend: str
                                              out / "preference", metrics)
     steps += pref_steps
 
+    if not getattr(phases, "is_main", True):
+        # Under `accelerate launch`, the other ranks trained their shard; rank 0 writes the run folder.
+        return TrainResult(version=version, method=config.method, backend=backend, base_model=config.base_model,
+                           artifact_dir=None, artifact_digest=None, serve_name=None, metrics_file=metrics.path,
+                           plot_file=None, steps=steps, wall_s=round(time.monotonic() - started, 2),
+                           sft_artifact_dir=sft_dir)
     if config.lora and sft_dir is not None:
         artifact = stack_lora_adapters([sft_dir, pref_dir], out / "adapter")
     else:
