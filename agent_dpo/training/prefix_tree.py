@@ -1,0 +1,206 @@
+"""Prefix-tree forward for preference training: a batch of one agent's examples runs as a tree instead of
+as flat (prompt + completion) rows. The shared system-and-tools prefix is computed once per batch, each
+distinct prompt's history once, and every completion scored under it (chosen, rejected, KTO's KL
+completion) as a branch that attends to its ancestors' keys and values.
+
+Two forward calls per batch. Level 0 runs the shared prefix (1 row) and keeps its keys/values in a cache,
+with gradient. Level 1 runs one row per distinct prompt: history, then each branch, laid out side by side
+with a 4D mask (history causal; a branch sees the history and itself, never its sibling) and position ids
+that restart at the end of the history for every branch, so each branch sees exactly the positions it
+would see in a flat row. Logits are computed only at the positions that predict completion tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeExample:
+    """One prompt and the completions scored under it, as token ids (same split as TRL's tokenizer)."""
+
+    prompt_ids: Sequence[int]
+    completions: Sequence[Sequence[int]]
+
+
+@dataclass
+class TreeBatch:
+    """Tensors for the two forward levels and the gather that turns hidden states into branch log-probs."""
+
+    prefix_ids: torch.Tensor  # (1, P)
+    row_ids: torch.Tensor  # (N, T): history + branches per distinct prompt, right-padded
+    row_positions: torch.Tensor  # (N, T)
+    row_mask: torch.Tensor  # (N, 1, T, P + T) bool, True = may attend
+    score_rows: torch.Tensor  # (M,) row of the hidden state that predicts each completion token
+    score_cols: torch.Tensor  # (M,) column of that hidden state
+    score_labels: torch.Tensor  # (M,) the completion token
+    score_branch: torch.Tensor  # (M,) flat index example * max_branches + branch
+    branch_lengths: torch.Tensor  # (n_examples, max_branches) completion tokens per branch
+    n_examples: int
+    max_branches: int
+
+    @property
+    def tree_tokens(self) -> int:
+        """Tokens the tree actually runs (prefix plus unpadded rows)."""
+        return int(self.prefix_ids.shape[1]) + int((self.row_positions >= 0).sum())
+
+
+def flat_tokens(examples: Sequence[TreeExample]) -> int:
+    """Tokens a flat trainer runs for the same examples: the prompt again for every completion."""
+    return sum(len(ex.prompt_ids) * len(ex.completions) + sum(len(c) for c in ex.completions) for ex in examples)
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all sequences share."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        token = first[i]
+        if any(s[i] != token for s in sequences):
+            return i
+    return n
+
+
+def build_tree(examples: Sequence[TreeExample]) -> TreeBatch:
+    """Lay out a batch as prefix + one row per distinct prompt (history, then its branches)."""
+    if not examples:
+        raise ValueError("empty batch")
+    if any(len(ex.prompt_ids) == 0 for ex in examples):
+        raise ValueError("every example needs a non-empty prompt")
+    # Examples sharing a prompt (KTO rows unpaired from one pair, say) share one row of the tree.
+    rows: dict[tuple[int, ...], list[tuple[int, int, Sequence[int]]]] = {}
+    for e, ex in enumerate(examples):
+        for b, completion in enumerate(ex.completions):
+            rows.setdefault(tuple(ex.prompt_ids), []).append((e, b, completion))
+        rows.setdefault(tuple(ex.prompt_ids), [])
+    prompts = list(rows)
+    # Keep one history token per row: the first completion token is predicted from the last prompt token,
+    # which must sit in level 1 where the branches are.
+    p = min(common_prefix(prompts), min(len(x) for x in prompts) - 1)
+    max_branches = max(len(ex.completions) for ex in examples)
+
+    row_tokens, row_pos, row_seg = [], [], []
+    s_rows, s_cols, s_labels, s_branch = [], [], [], []
+    lengths = torch.zeros(len(examples), max_branches, dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        history = list(prompt[p:])
+        h = len(history)
+        tokens, pos, seg = list(history), list(range(p, p + h)), [0] * h
+        for k, (e, b, completion) in enumerate(rows[prompt], start=1):
+            start = len(tokens)
+            tokens.extend(completion)
+            pos.extend(range(p + h, p + h + len(completion)))
+            seg.extend([k] * len(completion))
+            for j, token in enumerate(completion):
+                s_rows.append(r)
+                s_cols.append(h - 1 if j == 0 else start + j - 1)
+                s_labels.append(token)
+                s_branch.append(e * max_branches + b)
+            lengths[e, b] = len(completion)
+        row_tokens.append(tokens)
+        row_pos.append(pos)
+        row_seg.append(seg)
+
+    t = max(len(x) for x in row_tokens)
+    n = len(prompts)
+    ids = torch.zeros(n, t, dtype=torch.long)
+    positions = torch.full((n, t), -1, dtype=torch.long)
+    seg = torch.full((n, t), -1, dtype=torch.long)
+    for r in range(n):
+        ids[r, : len(row_tokens[r])] = torch.tensor(row_tokens[r])
+        positions[r, : len(row_pos[r])] = torch.tensor(row_pos[r])
+        seg[r, : len(row_seg[r])] = torch.tensor(row_seg[r])
+
+    q = torch.arange(t).view(1, t, 1)
+    k = torch.arange(t).view(1, 1, t)
+    seg_q, seg_k = seg.unsqueeze(2), seg.unsqueeze(1)
+    local = (k <= q) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    # Padding queries see only the prefix: a row with nothing to attend to would give NaN in backward.
+    local &= (seg_q >= 0)
+    mask = torch.cat([torch.ones(n, t, p, dtype=torch.bool), local], dim=2).unsqueeze(1)
+    return TreeBatch(
+        prefix_ids=torch.tensor([list(prompts[0][:p])], dtype=torch.long),
+        row_ids=ids,
+        row_positions=positions,
+        row_mask=mask,
+        score_rows=torch.tensor(s_rows, dtype=torch.long),
+        score_cols=torch.tensor(s_cols, dtype=torch.long),
+        score_labels=torch.tensor(s_labels, dtype=torch.long),
+        score_branch=torch.tensor(s_branch, dtype=torch.long),
+        branch_lengths=lengths,
+        n_examples=len(examples),
+        max_branches=max_branches,
+    )
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """The transformer body (no LM head) and the LM head of a causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _decoder_kwargs(decoder: Any, cache: Any) -> dict:
+    # transformers renamed `past_key_values` to `cache`; accept both so a minor upgrade does not break us.
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def tree_hidden(model: Any, tree: TreeBatch) -> torch.Tensor:
+    """Hidden states of level 1, (N, T, H); level 0's keys/values stay in the graph, so gradients reach them."""
+    from transformers import DynamicCache
+
+    decoder, _ = decoder_and_head(model)
+    device = next(decoder.parameters()).device
+    n, t = tree.row_ids.shape
+    p = tree.prefix_ids.shape[1]
+    cache = DynamicCache(config=decoder.config)
+    if p > 0:
+        decoder(
+            input_ids=tree.prefix_ids.to(device),
+            position_ids=torch.arange(p, device=device).unsqueeze(0),
+            use_cache=True,
+            **_decoder_kwargs(decoder, cache),
+        )
+        cache.batch_repeat_interleave(n)
+    dtype = next(decoder.parameters()).dtype
+    # An additive float mask works with every attention implementation (eager adds it, sdpa accepts it).
+    mask = torch.zeros(tree.row_mask.shape, dtype=dtype).masked_fill_(~tree.row_mask, torch.finfo(dtype).min)
+    out = decoder(
+        input_ids=tree.row_ids.to(device),
+        position_ids=tree.row_positions.clamp(min=0).to(device),
+        attention_mask=mask.to(device),
+        use_cache=p > 0,
+        **_decoder_kwargs(decoder, cache if p > 0 else None),
+    )
+    return out.last_hidden_state
+
+
+def token_logps(model: Any, tree: TreeBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-prob of every completion token, (M,), from the LM head at the predicting positions only."""
+    _, head = decoder_and_head(model)
+    device = hidden.device
+    picked = hidden[tree.score_rows.to(device), tree.score_cols.to(device)]
+    logits = head(picked).float()
+    logps = torch.log_softmax(logits, dim=-1)
+    return logps.gather(1, tree.score_labels.to(device).unsqueeze(1)).squeeze(1)
+
+
+def branch_logps(model: Any, tree: TreeBatch) -> torch.Tensor:
+    """Summed completion log-prob per (example, branch), (n_examples, max_branches); 0 where absent."""
+    per_token = token_logps(model, tree, tree_hidden(model, tree))
+    sums = per_token.new_zeros(tree.n_examples * tree.max_branches)
+    sums = sums.index_add(0, tree.score_branch.to(per_token.device), per_token)
+    return sums.view(tree.n_examples, tree.max_branches)
+
+
+def tree_forward(model: Any, tree: TreeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Branch log-prob sums and per-token log-probs in one pass (SFT wants the tokens, DPO the sums)."""
+    per_token = token_logps(model, tree, tree_hidden(model, tree))
+    sums = per_token.new_zeros(tree.n_examples * tree.max_branches)
+    sums = sums.index_add(0, tree.score_branch.to(per_token.device), per_token)
+    return sums.view(tree.n_examples, tree.max_branches), per_token
