@@ -208,8 +208,14 @@ async def _handle(js, msg, store_dir: Path, worker: str, backend_for) -> None:
         await msg.term()
         return
     beat.cancel()
+    # What the listener needs for the version's manifest, so it never has to see the job message again.
+    facts = {"version": result.version, "method": result.method, "backend": result.backend,
+             "base_model": result.base_model, "hyperparameters": spec.config,
+             "data_digest": spec.dataset_digest, "event_range": (spec.meta or {}).get("event_range") or {},
+             "parent": spec.parent, "steps": result.steps, "wall_s": round(result.wall_s, 2)}
     await publish_status(js, JobStatus(**base, state="succeeded", artifact_name=artifact_name,
                                        artifact_digest=artifact_digest, serve_name=result.serve_name,
+                                       result=facts,
                                        progress={"steps": result.steps, "wall_s": result.wall_s,
                                                  "metrics_tail": metrics[-3:]}))
     await msg.ack_sync()
@@ -236,8 +242,9 @@ async def _train(js, spec: TrainJobSpec, tmp: Path, store_dir: Path, on_progress
     if spec.openai_dataset_object:
         openai_file = tmp / Path(spec.openai_dataset_object).name
         openai_file.write_bytes((await store.get(spec.openai_dataset_object)).data)
-    config = TrainConfig(**spec.config)
+    config = TrainConfig.from_dict(spec.config)  # unknown keys: a clear failed status, not a TypeError
     backend = (backend_for or get_backend)(config.backend)
     job = TrainJob(tenant_id=spec.tenant_id, agent_id=spec.agent_id, config=config, train_file=train_file,
-                   meta=spec.meta, output_dir=tmp / "out", store_dir=store_dir, openai_file=openai_file)
+                   meta=spec.meta, output_dir=tmp / "out", store_dir=store_dir, openai_file=openai_file,
+                   version=spec.version)
     return await asyncio.to_thread(backend.train, job, on_progress)

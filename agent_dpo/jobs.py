@@ -54,6 +54,9 @@ class JobStatus(BaseModel):
     artifact_name: str | None = None
     artifact_digest: str | None = None
     serve_name: str | None = None
+    # succeeded only: version, method, backend, base_model, hyperparameters, data_digest, event_range,
+    # parent, steps, wall_s (what the version's manifest records)
+    result: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     worker: str | None = None
     at: str = Field(default_factory=utc_now)
