@@ -17,6 +17,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from agent_dpo_adapters.nats_artifacts import put_artifact
 from nats.js import api
 
 from agent_dpo.errors import AgentDpoError
@@ -31,7 +32,6 @@ from agent_dpo.jobs import (
     TrainJobSpec,
 )
 from agent_dpo.logs import get_logger
-from agent_dpo_adapters.nats_artifacts import put_artifact
 
 WORKER_CONSUMER = "trainers"
 MAX_ATTEMPTS = 3
@@ -143,7 +143,7 @@ async def run_worker(js, store_dir: Path, *, stop: asyncio.Event, max_jobs: int 
             continue
         except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
             raise
-        except Exception as exc:  # reconnecting: wait and fetch again
+        except Exception as exc:  # noqa: BLE001 - reconnecting (503s, stale pulls): wait, fetch again
             log.warning("fetch_failed", error=str(exc))
             await asyncio.sleep(0.5)
             continue
@@ -161,8 +161,8 @@ async def _handle(js, msg, store_dir: Path, worker: str, backend_for) -> None:
         log.error("train_job_invalid", error=str(exc)[:300])
         await msg.term()
         return
-    base = dict(job_id=spec.job_id, tenant_id=spec.tenant_id, agent_id=spec.agent_id, version=spec.version,
-                attempt=attempt, worker=worker)
+    base = {"job_id": spec.job_id, "tenant_id": spec.tenant_id, "agent_id": spec.agent_id,
+            "version": spec.version, "attempt": attempt, "worker": worker}
     bound = log.bind(job_id=spec.job_id, tenant_id=spec.tenant_id, agent_id=spec.agent_id)
     if attempt > MAX_ATTEMPTS:
         # The job outlived its attempts (workers killed mid-job): give up loudly, never silently.
@@ -201,7 +201,7 @@ async def _handle(js, msg, store_dir: Path, worker: str, backend_for) -> None:
             metrics = []
             if result.metrics_file and Path(result.metrics_file).exists():
                 metrics = [json.loads(line) for line in Path(result.metrics_file).read_text().splitlines() if line]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any training failure becomes a failed status with its reason
         beat.cancel()
         await publish_status(js, JobStatus(**base, state="failed", error=f"{type(exc).__name__}: {exc}"[:2000]))
         bound.error("train_job_failed", error=str(exc)[:500])
