@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py, imported after the sys.path line)
 """Parity of the prefix-tree engine with what TRL 1.16's DPOTrainer and KTOTrainer compute, on a tiny
 Llama with SmolLM2's tokenizer and the project's tool-aware chat template, in fp32: same token
 sequences, per-example log-probs within 1e-4, loss within 1e-5 relative, parameter gradient relative
@@ -16,12 +17,18 @@ torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import smollm2_store, tiny_model_dir  # noqa: E402,F401  (fixtures)
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (fixtures)
 
-from agent_dpo.training.prefix_tree import TreeExample, build_tree, flat_tokens, tree_forward  # noqa: E402
-from agent_dpo.training.refcache import RefCache  # noqa: E402
-from agent_dpo.training.tree_backend import (dpo_batch_loss, kto_batch_loss, reference_logps,  # noqa: E402
-                                             tokenize_preference, tokenize_unpaired, with_kl_completions)
+from agent_dpo.training.prefix_tree import TreeExample, build_tree, flat_tokens, tree_forward
+from agent_dpo.training.refcache import RefCache
+from agent_dpo.training.tree_backend import (
+    dpo_batch_loss,
+    kto_batch_loss,
+    reference_logps,
+    tokenize_preference,
+    tokenize_unpaired,
+    with_kl_completions,
+)
 
 TOOLS = [{"type": "function", "function": {
     "name": "find_slots", "description": "Free appointment slots for a service on a day.",

@@ -17,11 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-WORDS = ("appointment booking salon stylist colour cut wash blow dry friday monday morning afternoon "
-         "evening price quote customer loyalty points voucher cancel reschedule confirm deposit policy "
-         "available slot minutes treatment highlights balayage trim beard manicure pedicure facial massage "
-         "address parking phone email reminder note allergy patch test senior junior team member branch "
-         "opening hours holiday closed refund card cash payment tip review rating preference usual").split()
+WORDS = ["appointment", "booking", "salon", "stylist", "colour", "cut", "wash", "blow", "dry", "friday", "monday", "morning", "afternoon", "evening", "price", "quote", "customer", "loyalty", "points", "voucher", "cancel", "reschedule", "confirm", "deposit", "policy", "available", "slot", "minutes", "treatment", "highlights", "balayage", "trim", "beard", "manicure", "pedicure", "facial", "massage", "address", "parking", "phone", "email", "reminder", "note", "allergy", "patch", "test", "senior", "junior", "team", "member", "branch", "opening", "hours", "holiday", "closed", "refund", "card", "cash", "payment", "tip", "review", "rating", "preference", "usual"]
 
 TOOLS = [
     {"type": "function", "function": {"name": name, "description": desc, "parameters": {
@@ -174,8 +170,13 @@ def run_engine(base: Any, tokenizer: Any, rows: list[dict], steps: int, batch: i
     from peft import get_peft_model
 
     from agent_dpo.training.refcache import RefCache
-    from agent_dpo.training.tree_backend import (LoopSettings, dpo_batch_loss, reference_logps,
-                                                  tokenize_preference, train_loop)
+    from agent_dpo.training.tree_backend import (
+        LoopSettings,
+        dpo_batch_loss,
+        reference_logps,
+        tokenize_preference,
+        train_loop,
+    )
 
     model = get_peft_model(copy.deepcopy(base), lora_config())
     started = time.perf_counter()
@@ -185,10 +186,7 @@ def run_engine(base: Any, tokenizer: Any, rows: list[dict], steps: int, batch: i
     micro = [list(range(i * batch, (i + 1) * batch)) for i in range(steps)]
     train_loop(model, micro, lambda idx: dpo_batch_loss(model, [examples[i] for i in idx], ref[idx], 0.1),
                settings)
-    seconds = time.perf_counter() - started
-    del model
-    gc.collect()
-    return seconds, examples, ref
+    return time.perf_counter() - started, examples, ref
 
 
 def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, batch: int, trl_pairs: int,
@@ -203,6 +201,7 @@ def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, 
     trl_steps = max(trl_pairs // trl_batch, 1)
     with tempfile.TemporaryDirectory() as tmp:
         engine_s, examples, ref = run_engine(base, tokenizer, rows, steps, batch)
+        gc.collect()  # the engine's model copy goes before TRL makes its own
         trl_s, trainer = run_trl(base, tokenizer, rows[:trl_pairs], trl_steps, trl_batch, Path(tmp),
                                  min(micro_batch, trl_batch))
     first = examples[:batch]
@@ -231,9 +230,9 @@ def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
 
     from agent_dpo.cli.common import DEFAULT_STORE_DIR
-    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
 
     torch.manual_seed(args.seed)
     store = Path(args.store) if args.store else DEFAULT_STORE_DIR

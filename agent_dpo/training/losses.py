@@ -75,6 +75,18 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     return losses.mean(), beta * logratios.detach()
 
 
+def apo_zero_unpaired_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+                           beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """APO-zero, unpaired (TRL's KTOTrainer loss_type="apo_zero_unpaired"): push desirable log-ratios up
+    and undesirable ones down, with no KL reference point."""
+    logratios = policy_logps - ref_logps
+    desirable = desirable.bool()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * logratios)),
+                         undesirable_weight * torch.sigmoid(beta * logratios))
+    return losses.mean(), beta * logratios.detach()
+
+
 def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per completion token, averaged over all tokens of the batch."""
     return -token_logps.mean()

@@ -156,7 +156,7 @@ def tree_hidden(model: Any, tree: TreeBatch) -> torch.Tensor:
 
     decoder, _ = decoder_and_head(model)
     device = next(decoder.parameters()).device
-    n, t = tree.row_ids.shape
+    n = tree.row_ids.shape[0]
     p = tree.prefix_ids.shape[1]
     cache = DynamicCache(config=decoder.config)
     if p > 0:

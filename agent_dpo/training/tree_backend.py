@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,17 +152,23 @@ def dpo_batch_loss(model: Any, batch: Sequence[TreeExample], ref: torch.Tensor, 
 
 
 def kto_batch_loss(model: Any, batch: Sequence[TreeExample], ref: torch.Tensor, desirable: torch.Tensor,
-                   beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """KTO on one tree whose examples carry [completion, KL completion] (see with_kl_completions)."""
+                   beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                   loss_type: str = "kto") -> tuple[torch.Tensor, dict[str, float]]:
+    """KTO on one tree whose examples carry [completion, KL completion] (see with_kl_completions);
+    `apo_zero_unpaired` needs no KL branch."""
     tree = build_tree(batch)
     sums, _ = tree_forward(model, tree)
     ref = ref.to(sums.device, sums.dtype)
     desirable = desirable.to(sums.device).bool()
-    kl = losses.kto_kl(sums[:, 1], ref[:, 1])
-    loss, rewards = losses.kto_loss(sums[:, 0], ref[:, 0], desirable, kl, beta, desirable_weight,
-                                    undesirable_weight)
-    metrics = {"loss": loss.item(), "kl": kl.item()}
+    if loss_type == "apo_zero_unpaired":
+        loss, rewards = losses.apo_zero_unpaired_loss(sums[:, 0], ref[:, 0], desirable, beta, desirable_weight,
+                                                      undesirable_weight)
+        metrics = {"loss": loss.item()}
+    else:
+        kl = losses.kto_kl(sums[:, 1], ref[:, 1])
+        loss, rewards = losses.kto_loss(sums[:, 0], ref[:, 0], desirable, kl, beta, desirable_weight,
+                                        undesirable_weight)
+        metrics = {"loss": loss.item(), "kl": kl.item()}
     if desirable.any():
         metrics["rewards/chosen"] = rewards[desirable].mean().item()
         metrics["logps/chosen"] = sums[desirable, 0].detach().mean().item()
@@ -242,5 +248,165 @@ def train_loop(model: Any, micro_batches: Sequence[Any], loss_fn: Callable[[Any]
     return history
 
 
-def is_finite(metrics: dict[str, float]) -> bool:
-    return all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+
+
+# --- the backend: the recipe's phases on the engine ----------------------------------------------------
+
+
+class TreeBackend:
+    """`backend = "fast"`: the same recipe, artifacts, metrics and progress as the TRL backend."""
+
+    name = "fast"
+
+    def train(self, job: Any, on_progress: Callable[[dict], None]) -> Any:
+        from agent_dpo.training import recipes
+
+        return recipes.run(job, on_progress, TreePhases(), backend=self.name)
+
+
+class TreePhases:
+    """load / sft / preference for agent_dpo.training.recipes, each a plain loop over tree batches."""
+
+    is_main = True
+
+    def __init__(self) -> None:
+        self.store_dir: Path | None = None
+
+    def load(self, config: Any, store_dir: Path) -> tuple[Any, Any]:
+        from agent_dpo_adapters.hf_models import load_model, load_tokenizer
+
+        self.store_dir = Path(store_dir)
+        device = _device(config)
+        # fp32 on CPU (bf16 matmuls there are slow or inexact); bf16 weights on a GPU.
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        return load_model(config.base_model, store_dir, dtype=dtype, device=device), \
+            load_tokenizer(config.base_model, store_dir)
+
+    def sft(self, model: Any, tokenizer: Any, rows: list[dict], config: Any, out_dir: Path,
+            metrics: Any) -> tuple[Any, Path, int]:
+        torch.manual_seed(config.seed)
+        examples = _tokenized(rows, lambda r: tokenize_unpaired(tokenizer, r, config.max_length), config)
+        model = _with_lora(model, config)
+        settings = LoopSettings(max_steps=config.sft_steps, learning_rate=config.sft_learning_rate,
+                                batch_size=config.batch_size, grad_accum=config.grad_accum, seed=config.seed)
+        micro = [[examples[i] for i in idx] for idx in batches(len(examples), settings)]
+        with _progress("sft", metrics, config.sft_steps) as on_step:
+            train_loop(model, micro, lambda b: sft_batch_loss(model, b), settings, on_step)
+        _save(model, out_dir, config)
+        merged = model.merge_and_unload() if config.lora else model
+        return merged, out_dir, config.sft_steps
+
+    def preference(self, model: Any, tokenizer: Any, rows: list[dict], config: Any,
+                   kto_weights: tuple[float, float] | None, out_dir: Path, metrics: Any) -> tuple[Path, int]:
+        from agent_dpo.training.refcache import weights_digest
+
+        torch.manual_seed(config.seed)
+        # The reference is the model as it is now (SFT merged); its digest names the cache file.
+        cache = RefCache(self.store_dir / "refcache" if self.store_dir else None, weights_digest(model))
+        model = _with_lora(model, config)
+        if config.method == "dpo":
+            examples = _tokenized(rows, lambda r: tokenize_preference(tokenizer, r, config.max_length), config)
+            settings = LoopSettings(max_steps=config.max_steps, learning_rate=config.learning_rate,
+                                    batch_size=config.batch_size, grad_accum=config.grad_accum, seed=config.seed)
+            micro = [[examples[i] for i in idx] for idx in batches(len(examples), settings)]
+
+            def loss_fn(batch: list[TreeExample]) -> tuple[torch.Tensor, dict]:
+                return dpo_batch_loss(model, batch, reference_logps(model, batch, cache), config.beta,
+                                      config.loss_type if config.loss_type in losses.DPO_LOSSES else "sigmoid")
+        else:
+            kept = [(r, tokenize_unpaired(tokenizer, r, config.max_length)) for r in rows]
+            kept = [(r, ex) for r, ex in kept if ex is not None]
+            if not kept:
+                raise _error("no KTO rows fit max_length")
+            loss_type = config.loss_type if config.loss_type in ("kto", "apo_zero_unpaired") else "kto"
+            desirable_weight, undesirable_weight = kto_weights or (1.0, 1.0)
+            # Like TRL: sequential batches of at least two, each example's KL branch is its neighbour's completion.
+            size = max(2, config.batch_size)
+            settings = LoopSettings(max_steps=config.max_steps, learning_rate=config.learning_rate,
+                                    batch_size=size, grad_accum=config.grad_accum, seed=config.seed, shuffle=False)
+            micro = []
+            for idx in batches(len(kept), settings):
+                chunk = [kept[i][1] for i in idx]
+                if loss_type == "kto":
+                    chunk = with_kl_completions(chunk, config.max_length)
+                micro.append((chunk, torch.tensor([bool(kept[i][0]["label"]) for i in idx])))
+
+            def loss_fn(batch: tuple) -> tuple[torch.Tensor, dict]:
+                examples, labels = batch
+                return kto_batch_loss(model, examples, reference_logps(model, examples, cache), labels, config.beta,
+                                      desirable_weight, undesirable_weight, loss_type)
+
+        # Every reference log-prob up front, in full batches: the cache then answers each step for free,
+        # and under full fine-tuning the model is still the reference at this point.
+        reference_logps(model, [ex for m in micro for ex in (m[0] if isinstance(m, tuple) else m)], cache,
+                        batch_size=max(config.batch_size, 2))
+        with _progress(config.method, metrics, config.max_steps) as on_step:
+            train_loop(model, micro, loss_fn, settings, on_step)
+        _save(model, out_dir, config)
+        return out_dir, config.max_steps
+
+
+def _device(config: Any) -> str:
+    return config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _error(message: str) -> Exception:
+    from agent_dpo.errors import AgentDpoError
+
+    return AgentDpoError(message)
+
+
+def _tokenized(rows: list[dict], tokenize: Callable[[dict], TreeExample | None], config: Any) -> list[TreeExample]:
+    if getattr(config, "truncation_mode", "keep_start") != "keep_start":
+        raise _error("the fast backend truncates keep_start only (shared prefixes must stay whole); "
+                     "use truncation_mode keep_start or the trl backend")
+    examples = [ex for ex in map(tokenize, rows) if ex is not None]
+    if not examples:
+        raise _error(f"no training rows fit max_length {config.max_length}")
+    return examples
+
+
+def _with_lora(model: Any, config: Any) -> Any:
+    if not config.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets), bias="none", task_type="CAUSAL_LM"))
+
+
+@contextlib.contextmanager
+def _progress(phase: str, metrics: Any, max_steps: int):
+    """A tqdm bar for the phase; each step's metrics go to metrics.jsonl and the job's progress callback."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_steps, desc=phase, unit="step", dynamic_ncols=True)
+
+    def on_step(step: int, values: dict[str, float]) -> None:
+        row = metrics.record(phase, step, {k: v for k, v in values.items() if k != "step"}, max_steps=max_steps)
+        bar.update(1)
+        bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3f}" for k in ("loss", "rewards/margins",
+                                                                    "rewards/accuracies", "kl") if k in row},
+                        refresh=False)
+
+    try:
+        yield on_step
+    finally:
+        bar.close()
+
+
+def _save(model: Any, out_dir: Path, config: Any) -> None:
+    """The adapter (or the full model) as safetensors, nothing else, like the TRL backend writes it."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)
+    if not config.lora:
+        config_file = out_dir / "config.json"
+        values = json.loads(config_file.read_text())
+        values.pop("quantization_config", None)
+        config_file.write_text(json.dumps(values, indent=2))

@@ -1,0 +1,98 @@
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py, imported after the sys.path line)
+"""The `fast` backend end to end on a tiny model: SFT then DPO (or KTO) writes the same artifacts as the
+TRL backend (one adapter as safetensors with its digest, metrics.jsonl, training.png), reports progress,
+and keeps reference log-probs on disk so a grown dataset only scores its new examples."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (fixtures)
+
+from agent_dpo.training.backend import TrainJob, artifact_digest, get_backend
+from agent_dpo.training.config import TrainConfig
+from agent_dpo.training.prefix_tree import TreeExample
+from agent_dpo.training.refcache import RefCache
+from agent_dpo.training.tree_backend import reference_logps
+
+TOOLS = [{"type": "function", "function": {
+    "name": "book", "description": "Book a slot",
+    "parameters": {"type": "object", "properties": {"day": {"type": "string"}}, "required": ["day"]}}}]
+DAYS = ["Monday", "Tuesday", "Friday", "Saturday", "Sunday", "Thursday"]
+
+
+def pair_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        day = DAYS[i % len(DAYS)]
+        prompt = [{"role": "system", "content": "Salon agent. Book with the tool."},
+                  {"role": "user", "content": f"Can I come on {day}? ({i})"}]
+        chosen = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "book", "arguments": {"day": day}}}]}
+        rejected = {"role": "assistant", "content": "No." if i % 2 else "We are closed."}
+        rows.append({"prompt": prompt, "chosen": [chosen], "rejected": [rejected], "tools": TOOLS})
+    return rows
+
+
+def _job(tmp: Path, model_dir: Path, store: Path, rows: list[dict], name: str, **config) -> TrainJob:
+    settings = {"backend": "fast", "base_model": str(model_dir), "sft_steps": 1, "max_steps": 2,
+                "batch_size": 2, "max_length": 256, "lora_r": 4, "lora_alpha": 8}
+    settings.update(config)
+    train_file = tmp / f"{name}.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return TrainJob(tenant_id="acme", agent_id="salon", config=TrainConfig(**settings), train_file=train_file,
+                    meta={}, output_dir=tmp / name, store_dir=store, version=f"v-{name}")
+
+
+def test_sft_then_dpo_writes_adapter_metrics_plot_and_progress(tmp_path, tiny_model_dir, smollm2_store):
+    progress: list[dict] = []
+    job = _job(tmp_path, tiny_model_dir, tmp_path / "store", pair_rows(6), "dpo")
+    job.store_dir.mkdir()
+    (job.store_dir / "models").symlink_to(smollm2_store / "models")
+    result = get_backend("fast").train(job, progress.append)
+    assert (result.backend, result.method, result.steps) == ("fast", "dpo", 3)
+    assert sorted(p.name for p in result.artifact_dir.iterdir()) == ["adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+    assert result.artifact_digest == artifact_digest(result.artifact_dir)
+    rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in rows] == [("sft", 1), ("dpo", 1), ("dpo", 2)]
+    assert {"loss", "rewards/margins", "rewards/accuracies", "grad_norm"} <= set(rows[-1])
+    assert result.plot_file is not None and result.plot_file.stat().st_size > 0
+    assert [p["phase"] for p in progress] == ["sft", "dpo", "dpo"]
+    assert list((job.store_dir / "refcache").glob("*.jsonl"))
+
+
+def test_kto_runs_with_its_kl_term(tmp_path, tiny_model_dir, smollm2_store):
+    rows = [{"prompt": r["prompt"], "completion": r["chosen" if i % 2 else "rejected"], "label": bool(i % 2),
+             "tools": r["tools"]} for i, r in enumerate(pair_rows(6))]
+    job = _job(tmp_path, tiny_model_dir, smollm2_store, rows, "kto", method="kto", base_is_sft=True,
+               batch_size=3)
+    result = get_backend("fast").train(job, lambda _: None)
+    metrics = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert [m["phase"] for m in metrics] == ["kto", "kto"]
+    assert all(m["kl"] >= 0 for m in metrics)
+
+
+def test_grown_dataset_scores_only_new_examples(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    prefix = list(range(200, 260))
+    examples = [TreeExample(prefix + [300 + i] * (1 + i), [[5, 6, 7], [8, 9]]) for i in range(6)]
+    scored: list[int] = []
+    first = reference_logps(model, examples[:4], RefCache(tmp_path, "sha256:abc"), batch_size=4,
+                            on_batch=scored.append)
+    assert scored == [4]
+    scored.clear()
+    # A new process on the same reference model: the file answers the old examples bit for bit.
+    again = reference_logps(model, examples, RefCache(tmp_path, "sha256:abc"), batch_size=4, on_batch=scored.append)
+    assert scored == [2]
+    assert torch.equal(again[:4], first)
+    assert not list(tmp_path.glob("sha256-other*"))
