@@ -1,0 +1,164 @@
+"""Helpers for the fault, soak and security tests: a simulated world published to a real nats-server,
+a reference ingest, every agent's exports as bytes (the yardstick: a faulted run must export exactly
+what an uninterrupted one does), `agent-dpo` subprocesses to SIGKILL, and a 3-node NATS cluster on
+loopback (JetStream, R3) whose nodes can be killed and restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent_dpo_adapters.nats_bus import connect
+from agent_dpo_adapters.nats_server import EmbeddedNats, free_port
+from agent_dpo_adapters.sqlite_store import SqliteStore
+
+from agent_dpo.config import BusConfig
+from agent_dpo.events import subject_for
+from agent_dpo.export import FORMATS, export_dataset
+from agent_dpo.world.simulator import simulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ingest_fixtures import FAST_BUS, encode, ingest_once, init_bus  # noqa: E402
+
+# The subprocess reads its bus settings from the environment: short timers so a crash is redelivered fast.
+FAST_ENV = {"AGENT_DPO_BUS_ACK_WAIT_S": "3", "AGENT_DPO_BUS_BACKOFF_S": "3", "AGENT_DPO_BUS_STORE_RETRY_S": "1",
+            "AGENT_DPO_BUS_NAK_DELAY_S": "0.2", "AGENT_DPO_BUS_FETCH_TIMEOUT_S": "0.3"}
+
+
+def world(n_calls: int, seed: int = 7) -> list[dict[str, Any]]:
+    """The simulator's envelopes in arrival order (late events, re-sent duplicates, both agents)."""
+    return list(simulate(n_calls, seed))
+
+
+def agents_of(envs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return sorted({(e["tenant_id"], e["agent_id"]) for e in envs})
+
+
+async def publish_envs(url: str, envs: list[dict[str, Any]], *, window: int = 512) -> None:
+    """Publish with Nats-Msg-Id, each acknowledged by JetStream, `window` in flight at a time."""
+    nc = await connect(url)
+    try:
+        js = nc.jetstream()
+        for start in range(0, len(envs), window):
+            chunk = envs[start:start + window]
+            futures = [await js.publish_async(subject_for(e["tenant_id"], e["agent_id"], e["type"]), encode(e),
+                                              headers={"Nats-Msg-Id": e["event_id"]}) for e in chunk]
+            await asyncio.gather(*futures)
+    finally:
+        await nc.close()
+
+
+def export_all(store_dir: Path, out_dir: Path, agents: list[tuple[str, str]]) -> dict[str, bytes]:
+    """Every agent's dataset in every format (all splits) as the bytes written: what a user trains on."""
+    out: dict[str, bytes] = {}
+    with SqliteStore(store_dir) as store:
+        for tenant, agent in agents:
+            for fmt in FORMATS:
+                path = out_dir / f"{tenant}.{agent}.{fmt}.jsonl"
+                export_dataset(store, tenant, agent, fmt, path, split="all")
+                out[f"{tenant}/{agent}/{fmt}"] = path.read_bytes()
+    return out
+
+
+async def reference_exports(url: str, tmp: Path, agents: list[tuple[str, str]],
+                            bus: BusConfig = FAST_BUS) -> dict[str, bytes]:
+    """An uninterrupted ingest of what is on the stream (by its own durable consumer), exported."""
+    ref = replace(bus, consumer="reference")
+    await init_bus(url, ref)
+    await ingest_once(url, tmp / "reference", ref)
+    return export_all(tmp / "reference", tmp / "reference-out", agents)
+
+
+def assert_same_exports(got: dict[str, bytes], want: dict[str, bytes]) -> None:
+    assert sorted(got) == sorted(want)
+    differ = [k for k in want if got[k] != want[k]]
+    assert not differ, f"exports differ from the uninterrupted run: {differ}"
+    assert all(want[k] for k in want if not k.endswith("trl-kto")), "reference exports should not be empty"
+
+
+def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    """`agent-dpo <args>` as its own process (so it can be SIGKILLed), JSON logs on stderr."""
+    return subprocess.Popen([sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", *args],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a live process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class NatsCluster:
+    """Three nats-servers on loopback routed into one JetStream cluster, each with its own store dir
+    and server name, so a stream at R3 survives losing any one of them."""
+
+    root: Path
+    size: int = 3
+    name: str = "agentdpo-test"
+    nodes: list[EmbeddedNats] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cluster_ports = [free_port() for _ in range(self.size)]
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
+        for i, cport in enumerate(cluster_ports):
+            self.nodes.append(EmbeddedNats(
+                store_dir=self.root / f"n{i}", port=free_port(),
+                extra_args=["--server_name", f"n{i}", "--cluster_name", self.name,
+                            "--cluster", f"nats://127.0.0.1:{cport}", "--routes", routes]))
+
+    @property
+    def url(self) -> str:
+        """All members, comma-separated, as `connect` and `--nats-url` take them."""
+        return ",".join(n.url for n in self.nodes)
+
+    def start(self, timeout: float = 60.0) -> NatsCluster:
+        for node in self.nodes:
+            node.start()
+        asyncio.run(self.wait_ready(timeout))
+        return self
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until JetStream has a meta leader and answers through every live node."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                for node in self.nodes:
+                    if node.process is None or node.process.poll() is not None:
+                        continue
+                    nc = await connect(node.url)
+                    try:
+                        await nc.jetstream().account_info()
+                    finally:
+                        await nc.close()
+                return
+            except Exception as exc:  # noqa: BLE001 - not ready yet: no meta leader
+                last = exc
+                await asyncio.sleep(0.3)
+        raise RuntimeError(f"cluster not ready within {timeout}s: {last}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
