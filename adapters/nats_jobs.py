@@ -139,7 +139,7 @@ async def run_worker(js, store_dir: Path, *, stop: asyncio.Event, max_jobs: int 
     while not stop.is_set() and (max_jobs is None or handled < max_jobs):
         try:
             msgs = await sub.fetch(1, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either when nothing came
             continue
         except (nats.errors.ConnectionClosedError, nats.errors.NoServersError):
             raise
