@@ -15,11 +15,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 from agent_dpo_adapters.nats_bus import connect
 from agent_dpo_adapters.nats_server import EmbeddedNats, free_port
 from agent_dpo_adapters.sqlite_store import SqliteStore
 
 from agent_dpo.config import BusConfig
+from agent_dpo.errors import AgentDpoError
 from agent_dpo.events import subject_for
 from agent_dpo.export import FORMATS, export_dataset
 from agent_dpo.world.simulator import simulate
@@ -41,18 +43,40 @@ def agents_of(envs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted({(e["tenant_id"], e["agent_id"]) for e in envs})
 
 
-async def publish_envs(url: str, envs: list[dict[str, Any]], *, window: int = 512) -> None:
+async def publish_envs(url: str, envs: list[dict[str, Any]], *, window: int = 256) -> None:
     """Publish with Nats-Msg-Id, each acknowledged by JetStream, `window` in flight at a time."""
     nc = await connect(url)
     try:
         js = nc.jetstream()
+
+        async def one(env: dict[str, Any]) -> None:
+            subject = subject_for(env["tenant_id"], env["agent_id"], env["type"])
+            for attempt in range(50):
+                try:
+                    await js.publish(subject, encode(env), headers={"Nats-Msg-Id": env["event_id"]}, timeout=10)
+                    return
+                except nats.js.errors.APIError as exc:
+                    # A clustered stream answers 409 while a re-sent copy's first publish is in process.
+                    if exc.err_code != 10158 or attempt == 49:
+                        raise
+                    await asyncio.sleep(0.05)
+
         for start in range(0, len(envs), window):
-            chunk = envs[start:start + window]
-            futures = [await js.publish_async(subject_for(e["tenant_id"], e["agent_id"], e["type"]), encode(e),
-                                              headers={"Nats-Msg-Id": e["event_id"]}) for e in chunk]
-            await asyncio.gather(*futures)
+            await asyncio.gather(*(one(e) for e in envs[start:start + window]))
     finally:
         await nc.close()
+
+
+async def init_bus_patiently(url: str, bus: BusConfig, timeout: float = 60.0) -> None:
+    """`ensure_bus`, retried while a cluster elects leaders (JetStream answers nothing meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await init_bus(url, bus)
+        except AgentDpoError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def export_all(store_dir: Path, out_dir: Path, agents: list[tuple[str, str]]) -> dict[str, bytes]:
@@ -71,7 +95,7 @@ async def reference_exports(url: str, tmp: Path, agents: list[tuple[str, str]],
                             bus: BusConfig = FAST_BUS) -> dict[str, bytes]:
     """An uninterrupted ingest of what is on the stream (by its own durable consumer), exported."""
     ref = replace(bus, consumer="reference")
-    await init_bus(url, ref)
+    await init_bus_patiently(url, ref)
     await ingest_once(url, tmp / "reference", ref)
     return export_all(tmp / "reference", tmp / "reference-out", agents)
 
@@ -127,10 +151,10 @@ class NatsCluster:
         """All members, comma-separated, as `connect` and `--nats-url` take them."""
         return ",".join(n.url for n in self.nodes)
 
-    def start(self, timeout: float = 60.0) -> NatsCluster:
+    async def start(self, timeout: float = 60.0) -> NatsCluster:
         for node in self.nodes:
             node.start()
-        asyncio.run(self.wait_ready(timeout))
+        await self.wait_ready(timeout)
         return self
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
@@ -157,8 +181,12 @@ class NatsCluster:
         for node in self.nodes:
             node.stop()
 
-    def __enter__(self) -> NatsCluster:
-        return self.start()
+    async def __aenter__(self) -> NatsCluster:
+        try:
+            return await self.start()
+        except BaseException:
+            self.stop()
+            raise
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.stop()
