@@ -129,8 +129,10 @@ async def job_statuses(js, job_id: str, timeout: float | None = None) -> AsyncIt
 
 async def run_worker(js, store_dir: Path, *, stop: asyncio.Event, max_jobs: int | None = None,
                      name: str | None = None,
-                     backend_for: Callable[[str], Any] | None = None) -> int:
-    """Pull jobs until `stop` is set (or `max_jobs` are done); returns the number of jobs handled."""
+                     backend_for: Callable[[str], Any] | None = None, launcher: list[str] | None = None) -> int:
+    """Pull jobs until `stop` is set (or `max_jobs` are done); returns the number of jobs handled.
+    With `launcher` (e.g. ["accelerate", "launch", "--num_processes", "4"]) each job trains in a child
+    process it starts, for several GPUs per job; otherwise in a thread of this process."""
     await ensure_job_streams(js)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     sub = await js.pull_subscribe_bind(WORKER_CONSUMER, stream=JOBS_STREAM)
@@ -148,12 +150,12 @@ async def run_worker(js, store_dir: Path, *, stop: asyncio.Event, max_jobs: int 
             await asyncio.sleep(0.5)
             continue
         for msg in msgs:
-            await _handle(js, msg, store_dir, name, backend_for)
+            await _handle(js, msg, store_dir, name, backend_for, launcher)
             handled += 1
     return handled
 
 
-async def _handle(js, msg, store_dir: Path, worker: str, backend_for) -> None:
+async def _handle(js, msg, store_dir: Path, worker: str, backend_for, launcher: list[str] | None = None) -> None:
     attempt = msg.metadata.num_delivered
     try:
         spec = TrainJobSpec.model_validate_json(msg.data)
@@ -192,7 +194,8 @@ async def _handle(js, msg, store_dir: Path, worker: str, backend_for) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix=f"{spec.job_id}-", dir=_work_dir(store_dir)) as tmp:
             result = await _train(js, spec, Path(tmp), store_dir,
-                                  lambda p: loop.call_soon_threadsafe(progress_q.put_nowait, dict(p)), backend_for)
+                                  lambda p: loop.call_soon_threadsafe(progress_q.put_nowait, dict(p)), backend_for,
+                                  launcher)
             artifact_name = artifact_digest = None
             if result.artifact_dir is not None:
                 # Uploaded in full before anyone hears of it: a killed worker leaves nothing registered.
@@ -228,7 +231,8 @@ def _work_dir(store_dir: Path) -> Path:
     return path
 
 
-async def _train(js, spec: TrainJobSpec, tmp: Path, store_dir: Path, on_progress, backend_for):
+async def _train(js, spec: TrainJobSpec, tmp: Path, store_dir: Path, on_progress, backend_for,
+                 launcher: list[str] | None = None):
     from agent_dpo.training.backend import TrainJob, get_backend
     from agent_dpo.training.config import TrainConfig
 
@@ -243,8 +247,47 @@ async def _train(js, spec: TrainJobSpec, tmp: Path, store_dir: Path, on_progress
         openai_file = tmp / Path(spec.openai_dataset_object).name
         openai_file.write_bytes((await store.get(spec.openai_dataset_object)).data)
     config = TrainConfig.from_dict(spec.config)  # unknown keys: a clear failed status, not a TypeError
+    if launcher:
+        return await _train_launched(launcher, spec, config, train_file, openai_file, tmp, store_dir)
     backend = (backend_for or get_backend)(config.backend)
     job = TrainJob(tenant_id=spec.tenant_id, agent_id=spec.agent_id, config=config, train_file=train_file,
                    meta=spec.meta, output_dir=tmp / "out", store_dir=store_dir, openai_file=openai_file,
                    version=spec.version)
     return await asyncio.to_thread(backend.train, job, on_progress)
+
+
+async def _train_launched(launcher: list[str], spec: TrainJobSpec, config, train_file: Path,
+                          openai_file: Path | None, tmp: Path, store_dir: Path):
+    """Train in a child process started by `launcher` (e.g. `accelerate launch --num_processes 4`):
+    the data-parallel processes then share this one job, which a worker process itself cannot do."""
+    from agent_dpo.training.backend import TrainResult
+
+    config_file = tmp / "train-config.json"
+    config_file.write_text(json.dumps(config.to_dict()), encoding="utf-8")
+    # `agent-dpo train --data` reads the export's meta (KTO weights, labelled_by) from beside the file.
+    train_file.with_name(train_file.name + ".meta.json").write_text(json.dumps(spec.meta), encoding="utf-8")
+    cmd = [*launcher, "-m", "agent_dpo.cli", "--log-format", "json", "train", "--agent",
+           f"{spec.tenant_id}/{spec.agent_id}", "--config", str(config_file), "--data", str(train_file),
+           "--version", spec.version, "--out", str(tmp / "out"), "--store", str(store_dir), "--json"]
+    if openai_file is not None:
+        cmd += ["--openai-data", str(openai_file)]
+    log_file = tmp / "train.log"
+    with log_file.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=err)
+        try:
+            out, _ = await proc.communicate()
+        except asyncio.CancelledError:
+            proc.terminate()
+            raise
+    if proc.returncode != 0:
+        tail = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        raise AgentDpoError(f"launched training exited {proc.returncode}: {tail[0][:1500] if tail else 'no output'}")
+    text = out.decode(errors="replace")
+    try:  # under a launcher every rank may print its summary: the first one is enough
+        summary, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    except ValueError:
+        raise AgentDpoError(f"launched training printed no result: {text[-500:]!r}") from None
+    paths = {"artifact_dir", "metrics_file", "plot_file", "sft_artifact_dir"}
+    fields = {k: (Path(v) if k in paths and v not in (None, "None") else (None if v == "None" else v))
+              for k, v in summary.items() if k in TrainResult.__dataclass_fields__}
+    return TrainResult(**fields)

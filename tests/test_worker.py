@@ -138,3 +138,28 @@ def test_worker_bad_input_is_one_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
     down = cli("worker", "--nats-url", "nats://127.0.0.1:1", "--store", str(tmp_path), timeout=60)
     assert down.returncode == 1 and "cannot connect to NATS" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_a_launcher_trains_the_job_in_a_child_process(worked):
+    """`--launcher "accelerate launch --num_processes N"` on a GPU box; here plain python stands in."""
+    data = write_jsonl(worked["tmp"] / "pairs3.jsonl", pair_rows(4))
+
+    async def enqueue() -> str:
+        nc = await nats.connect(worked["url"])
+        try:
+            spec = await enqueue_job(nc.jetstream(), tenant_id="acme", agent_id="salon", version="v3",
+                                     config={"base_model": str(worked["model"]), "sft_steps": 1, "max_steps": 1,
+                                             "batch_size": 2, "max_length": 256, "lora_r": 4},
+                                     dataset=data, meta={"event_range": {"first_seq": 3, "last_seq": 4}})
+        finally:
+            await nc.close()
+        return spec.job_id
+
+    job = asyncio.run(enqueue())
+    proc = cli("worker", "--nats-url", worked["url"], "--store", str(worked["tmp"] / "multi-gpu-box"),
+               "--max-jobs", "1", "--launcher", sys.executable)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = asyncio.run(statuses(worked["url"], job))[-1]
+    assert done.state == "succeeded", done.error
+    assert done.artifact_name == "acme/salon/v3" and done.result["version"] == "v3"
+    assert done.result["event_range"] == {"first_seq": 3, "last_seq": 4}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 
 from agent_dpo.cli.common import (
     add_config_option,
@@ -29,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-jobs", type=positive_int, default=None,
                    help="exit after this many jobs (default: run until SIGTERM)")
     p.add_argument("--name", default=None, help="worker name in statuses (default host-pid)")
+    p.add_argument("--launcher", metavar="COMMAND",
+                   help="train each job in a child process started by this command, e.g. "
+                        "\"accelerate launch --num_processes 4\" for several GPUs (it is followed by "
+                        "`-m agent_dpo.cli train ...`, so the command must accept -m MODULE like python does)")
     p.set_defaults(func=run)
 
 
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> int:
         nc = await connect(nats_url(args), conf.nats, name="agent-dpo worker")
         try:
-            handled = await run_worker(nc.jetstream(), root, stop=stop, max_jobs=args.max_jobs, name=args.name)
+            handled = await run_worker(nc.jetstream(), root, stop=stop, max_jobs=args.max_jobs, name=args.name,
+                                       launcher=shlex.split(args.launcher) if args.launcher else None)
         finally:
             await nc.drain()
         print(f"worker: {handled} job(s) handled", flush=True)
