@@ -220,3 +220,35 @@ def test_tree_runs_the_shared_prefix_once():
     # Examples with the same prompt share one row of the tree.
     shared = build_tree([TreeExample(prefix, [[1, 2]]), TreeExample(prefix, [[3]])])
     assert shared.row_ids.shape[0] == 1
+
+
+def test_examples_without_a_shared_prefix_score_like_flat_rows():
+    """Prompts that share nothing (p = 0) or share everything (one distinct prompt) still give the flat
+    log-probs and gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, 300, (n,), generator=g).tolist()
+
+    for examples in ([TreeExample(ids(4 + 3 * i), [ids(3 + i), ids(5)]) for i in range(3)],
+                     [TreeExample(ids(9), [ids(4), ids(2)])]):
+        model.zero_grad()
+        sums, _ = tree_forward(model, build_tree(examples))
+        sums.sum().backward()
+        tree_grad = _grads(model).clone()
+        model.zero_grad()
+        flat = []
+        for ex in examples:
+            for c in ex.completions:
+                row = torch.tensor([list(ex.prompt_ids) + list(c)])
+                logps = model(row).logits[0, len(ex.prompt_ids) - 1:-1].log_softmax(-1)
+                flat.append(logps.gather(1, torch.tensor(c).unsqueeze(1)).sum())
+        flat = torch.stack(flat)
+        flat.sum().backward()
+        assert (sums.detach().flatten() - flat.detach()).abs().max().item() < 1e-4
+        assert ((tree_grad - _grads(model)).norm() / _grads(model).norm()).item() <= 1e-5

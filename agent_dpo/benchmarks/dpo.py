@@ -190,7 +190,7 @@ def run_engine(base: Any, tokenizer: Any, rows: list[dict], steps: int, batch: i
 
 
 def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, batch: int, trl_pairs: int,
-            micro_batch: int, out=sys.stdout) -> float:
+            micro_batch: int, parity: bool = False, out=sys.stdout) -> float:
     """Both sides on the same rows; TRL on the first `trl_pairs` of them (its cost per pair does not depend
     on how many pairs share a step: it shares nothing between pairs)."""
     import torch
@@ -215,6 +215,8 @@ def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, 
     trl_ref = torch.tensor([[prepared[i]["ref_chosen_logps"], prepared[i]["ref_rejected_logps"]]
                             for i in range(len(prepared))])
     ref_diff = (trl_ref - ref[:len(prepared)]).abs().max().item()
+    if parity:
+        parity_line(trainer, examples[:min(micro_batch, len(prepared))], trl_ref, out)
     trl_rate = trl_steps * trl_batch / trl_s
     engine_rate = steps * batch / engine_s
     ratio = engine_rate / trl_rate
@@ -226,6 +228,37 @@ def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, 
     print(f"{name}: identical tokens {same_tokens}, reference log-prob max |diff| vs TRL {ref_diff:.2e}",
           file=out)
     return ratio
+
+
+def parity_line(trainer: Any, examples: list, trl_ref: Any, out=sys.stdout) -> None:
+    """Loss, per-example log-probs and LoRA gradient of the engine against TRL's own compute_loss, on
+    TRL's trained model and its first batch: the exactness check at full size."""
+    import torch
+
+    from agent_dpo.training.prefix_tree import build_tree, tree_forward
+    from agent_dpo.training.tree_backend import dpo_batch_loss
+
+    model = trainer.model
+    n = len(examples)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        flat = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                     fused_lm_head=True, use_cache=False).log_probs.sum(dim=1).view(2, -1).T
+        sums, _ = tree_forward(model, build_tree(examples))
+    trl_loss = trainer.compute_loss(model, batch)
+    trl_loss.backward()
+    trl_grad = torch.cat([p.grad.flatten() for p in params]).clone()
+    model.zero_grad()
+    loss, _ = dpo_batch_loss(model, examples, trl_ref[:n], trainer.beta)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in params])
+    model.zero_grad()
+    print(f"parity on SmolLM2 ({n} pairs): log-prob max |diff| {(sums - flat).abs().max().item():.2e}, "
+          f"loss rel diff {abs(loss.item() - trl_loss.item()) / abs(trl_loss.item()):.2e}, "
+          f"gradient rel err {((grad - trl_grad).norm() / trl_grad.norm()).item():.2e}", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
                               args.trl_micro_batch)
         print(f"short prompts: ratio {short_ratio:.2f} vs TRL DPOTrainer")
     rows = agent_pairs(tokenizer, pairs, 700, 150, 40, args.seed)
-    ratio = measure("agent data", base, tokenizer, rows, steps, args.batch, trl_pairs, args.trl_micro_batch)
+    ratio = measure("agent data", base, tokenizer, rows, steps, args.batch, trl_pairs, args.trl_micro_batch,
+                    parity=True)
     print(f"dpo: ratio {ratio:.2f} vs TRL DPOTrainer")
     return 0
 
