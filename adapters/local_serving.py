@@ -29,13 +29,16 @@ class LocalPeftBackend:
     name = "local"
 
     def __init__(self, model: Any, tokenizer: Any, fetch_artifact: ArtifactFetcher,
-                 base_model: str = "", max_new_tokens: int = 128):
+                 base_model: str = "", max_new_tokens: int = 128, max_prompt_tokens: int | None = None):
         self.base = model
         self.model = model  # becomes a PeftModel once the first adapter is loaded
         self.tokenizer = tokenizer
         self.fetch_artifact = fetch_artifact
         self.base_model = base_model
         self.max_new_tokens = max_new_tokens
+        # For versions trained on a window (truncation_mode keep_end): answer on what they were
+        # trained to see, the newest `max_prompt_tokens` of the prompt.
+        self.max_prompt_tokens = max_prompt_tokens
         self.adapters: set[str] = set()
         # One generation or adapter change at a time: PEFT's active adapter is model-wide state.
         self._lock = asyncio.Lock()
@@ -104,6 +107,8 @@ class LocalPeftBackend:
             raise AgentDpoError(f"{ref.version} is not loaded")
         prompt = render(self.tokenizer, messages, tools, add_generation_prompt=True)
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        if self.max_prompt_tokens and enc["input_ids"].shape[1] > self.max_prompt_tokens:
+            enc = {k: v[:, -self.max_prompt_tokens:] for k, v in enc.items()}
         max_new = int(params.get("max_tokens") or params.get("max_completion_tokens") or self.max_new_tokens)
         temperature = float(params.get("temperature") or 0.0)
         gen: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": self.tokenizer.pad_token_id}
