@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,10 @@ def agents_of(envs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted({(e["tenant_id"], e["agent_id"]) for e in envs})
 
 
-async def publish_envs(url: str, envs: list[dict[str, Any]], *, window: int = 256) -> None:
-    """Publish with Nats-Msg-Id, each acknowledged by JetStream, `window` in flight at a time."""
+async def publish_envs(url: str, envs: list[dict[str, Any]], *, window: int = 256,
+                       msg_id: Callable[[dict[str, Any]], str] = lambda e: e["event_id"]) -> None:
+    """Publish with Nats-Msg-Id (the event id, as the contract says), each acknowledged by JetStream,
+    `window` in flight at a time."""
     nc = await connect(url)
     try:
         js = nc.jetstream()
@@ -53,7 +56,7 @@ async def publish_envs(url: str, envs: list[dict[str, Any]], *, window: int = 25
             subject = subject_for(env["tenant_id"], env["agent_id"], env["type"])
             for attempt in range(50):
                 try:
-                    await js.publish(subject, encode(env), headers={"Nats-Msg-Id": env["event_id"]}, timeout=10)
+                    await js.publish(subject, encode(env), headers={"Nats-Msg-Id": msg_id(env)}, timeout=10)
                     return
                 except nats.js.errors.APIError as exc:
                     # A clustered stream answers 409 while a re-sent copy's first publish is in process.

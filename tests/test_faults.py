@@ -140,7 +140,7 @@ async def test_a_worker_killed_mid_job_registers_nothing_and_the_job_is_retried(
         js = nc.jetstream()
         data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
         config = {"base_model": str(tiny_model_dir), "sft_steps": 1, "max_steps": 60, "batch_size": 2,
-                  "max_length": 128, "lora_r": 4, "lora_alpha": 8}
+                  "max_length": 256, "lora_r": 4, "lora_alpha": 8}
         spec = await enqueue_job(js, tenant_id="acme", agent_id="salon", version="v9", config=config,
                                  dataset=data, meta={})
         worker = ("worker", "--nats-url", server.url, "--max-jobs", "1")
@@ -149,9 +149,9 @@ async def test_a_worker_killed_mid_job_registers_nothing_and_the_job_is_retried(
             seen = []
             async for status in job_statuses(js, spec.job_id, timeout=180):
                 seen.append(status.state)
+                assert status.state != "failed", status.error
                 if status.state == "progress":
                     break  # training is under way
-            assert seen[-1] == "progress", seen
         finally:
             sigkill(proc)
 
