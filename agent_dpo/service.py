@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+
 from agent_dpo.canary import CanaryPolicy, EvalGates
 from agent_dpo.config import Settings
 from agent_dpo.errors import AgentDpoError, UsageError
@@ -173,9 +175,8 @@ ServiceTask = Callable[[ServiceContext], Awaitable[None]]
 
 async def open_context(nc, nats_url: str, settings: Settings, store_dir: Path, stop: asyncio.Event,
                        policy: ServicePolicy) -> ServiceContext:
-    from agent_dpo_adapters.nats_registry import NatsRegistry
-
     from agent_dpo.canary import CanaryController
+    from agent_dpo_adapters.nats_registry import NatsRegistry
 
     registry = await NatsRegistry.open(nc)
     return ServiceContext(nc=nc, nats_url=nats_url, settings=settings, store_dir=store_dir, stop=stop,
@@ -238,8 +239,9 @@ async def training_task(ctx: ServiceContext) -> None:
         while not ctx.stop.is_set():
             try:
                 await check_training(ctx, reader, seen)
-            except (AgentDpoError, OSError) as exc:
-                log.warning("training_check_failed", error=str(exc)[:300])
+            except (AgentDpoError, OSError, TimeoutError, nats.errors.Error) as exc:
+                # The store busy, NATS away for a moment: the next round tries again.
+                log.warning("training_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             await sleep_until_stop(ctx.stop, ctx.policy.check_interval_s)
     finally:
         reader.close()
@@ -266,10 +268,9 @@ async def check_training(ctx: ServiceContext, reader, seen: dict[tuple[str, str]
 
 
 async def maybe_enqueue(ctx: ServiceContext, reader, tenant_id: str, agent_id: str) -> str | None:
-    from agent_dpo_adapters.nats_jobs import enqueue_job
-
     from agent_dpo.export import export_dataset
     from agent_dpo.training.recipes import new_version
+    from agent_dpo_adapters.nats_jobs import enqueue_job
 
     config = ctx.policy.train
     bound = log.bind(tenant_id=tenant_id, agent_id=agent_id)
@@ -306,12 +307,11 @@ async def maybe_enqueue(ctx: ServiceContext, reader, tenant_id: str, agent_id: s
 async def job_results_task(ctx: ServiceContext) -> None:
     """Follow every job's statuses through a durable consumer (a restart resumes where it stopped):
     failures are logged and free the agent's trigger; successes become registered, evaluated versions."""
-    import nats.errors
     import nats.js.errors
-    from agent_dpo_adapters.nats_jobs import ensure_job_streams
     from nats.js import api
 
     from agent_dpo.jobs import STATUS_STREAM, STATUS_SUBJECT_PREFIX, JobStatus
+    from agent_dpo_adapters.nats_jobs import ensure_job_streams
 
     js = ctx.nc.jetstream()
     await ensure_job_streams(js)
@@ -384,10 +384,9 @@ async def register_version(ctx: ServiceContext, status) -> dict[str, Any] | None
     """Fetch the adapter (digest-checked), evaluate it on the held-out split, write its manifest and
     ask the canary to start it (the eval gates decide). Returns the eval report; None when the version
     was registered before (a redelivered status)."""
-    from agent_dpo_adapters.nats_artifacts import get_artifact
-
     from agent_dpo.registry import manifest_for
     from agent_dpo.training.backend import TrainResult
+    from agent_dpo_adapters.nats_artifacts import get_artifact
 
     t, a, version = status.tenant_id, status.agent_id, status.version
     bound = log.bind(tenant_id=t, agent_id=a, version=version)
@@ -443,12 +442,11 @@ async def evaluate_version(ctx: ServiceContext, tenant_id: str, agent_id: str, v
                            adapter: Path) -> dict[str, Any]:
     """The eval report of `version` against the champion (or the base model when there is none), on
     the agent's held-out split; a report with `error` when it cannot be made."""
-    from agent_dpo_adapters.nats_artifacts import get_artifact
-    from agent_dpo_adapters.sqlite_store import SqliteStore
-
     from agent_dpo.evaluation import Policy, check_judge_allowed, evaluate
     from agent_dpo.export import export_dataset
     from agent_dpo.training.recipes import read_rows
+    from agent_dpo_adapters.nats_artifacts import get_artifact
+    from agent_dpo_adapters.sqlite_store import SqliteStore
 
     bound = log.bind(tenant_id=tenant_id, agent_id=agent_id, version=version)
     out = ctx.store_dir / "serve" / "eval" / tenant_id / agent_id / version
@@ -492,15 +490,27 @@ async def evaluate_version(ctx: ServiceContext, tenant_id: str, agent_id: str, v
 async def canary_task(ctx: ServiceContext) -> None:
     """The controller's decision loop, and beside it the feed: the calls ingest touched, of agents in
     canary, once ended (and rated, or `settle_s` after the end) count once for their arm."""
-    runner = asyncio.create_task(ctx.canary.run(ctx.policy.canary_interval_s, ctx.stop), name="canary-run")
+    def start_runner() -> asyncio.Task:
+        return asyncio.create_task(ctx.canary.run(ctx.policy.canary_interval_s, ctx.stop), name="canary-run")
+
+    runner = start_runner()
+
+    def check_runner() -> None:
+        nonlocal runner
+        if runner.done() and not ctx.stop.is_set():
+            # run() survives registry errors; anything else (a NATS timeout) must not end the decisions.
+            error = None if runner.cancelled() else runner.exception()
+            log.error("canary_loop_restarted", error=f"{type(error).__name__}: {error}"[:300])
+            runner = start_runner()
+
     try:
-        await feed_canary(ctx)
+        await feed_canary(ctx, on_tick=check_runner)
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
 
 
-async def feed_canary(ctx: ServiceContext, tick_s: float = 1.0) -> None:
+async def feed_canary(ctx: ServiceContext, tick_s: float = 1.0, on_tick: Callable[[], None] | None = None) -> None:
     from agent_dpo_adapters.sqlite_store import SqliteStore
 
     reader = SqliteStore(ctx.store_dir)
@@ -511,12 +521,14 @@ async def feed_canary(ctx: ServiceContext, tick_s: float = 1.0) -> None:
     try:
         while not ctx.stop.is_set():
             await sleep_until_stop(ctx.stop, tick_s)
+            if on_tick is not None:
+                on_tick()
             now = time.monotonic()
             if now >= next_refresh:
                 try:
                     in_canary = {(d.tenant_id, d.agent_id) for d, _ in await ctx.registry.all_rollouts()
                                  if d.state == "canary"}
-                except RegistryError as exc:
+                except (RegistryError, TimeoutError, nats.errors.Error) as exc:
                     log.warning("canary_refresh_failed", error=str(exc)[:200])
                 next_refresh = now + ctx.policy.canary_interval_s
             touched = set()
@@ -595,9 +607,8 @@ class LazyLocalBackend:
 
 async def gateway_task(ctx: ServiceContext) -> None:
     """The OpenAI-compatible gateway over a router on the service's connection."""
-    from agent_dpo_adapters.gateway import start_gateway
-
     from agent_dpo.router import Router
+    from agent_dpo_adapters.gateway import start_gateway
 
     base_model = ctx.policy.train.base_model
     backend = LazyLocalBackend(base_model, ctx.store_dir, ctx.nc.jetstream())
