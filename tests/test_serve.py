@@ -24,15 +24,15 @@ import pytest
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).parent))
-from agent_dpo_adapters.nats_bus import ensure_bus
-from agent_dpo_adapters.nats_publisher import EventPublisher
-from agent_dpo_adapters.nats_registry import NatsRegistry
 from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
 from agent_dpo.errors import UsageError
 from agent_dpo.jobs import JOBS_STREAM, STATUS_STREAM
 from agent_dpo.service import ServicePolicy, TrainingState
 from agent_dpo.world.simulator import live_feedback, live_prompts, publish_world
+from agent_dpo_adapters.nats_bus import ensure_bus
+from agent_dpo_adapters.nats_publisher import EventPublisher
+from agent_dpo_adapters.nats_registry import NatsRegistry
 
 TENANT, AGENT = "acme-salons", "salon-rebook"
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_DPO_")}
@@ -248,3 +248,34 @@ def test_serve_bad_flags_are_one_line(tmp_path):
                               capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+async def test_a_failed_job_frees_the_agents_trigger_and_registers_nothing(nats_url, tmp_path):
+    """The job-results loop as a function over a real nats-server: a `failed` status is remembered in
+    the training state (the trigger may enqueue again once N more pairs arrive), nothing is registered."""
+    from agent_dpo.config import Settings
+    from agent_dpo.jobs import JobStatus
+    from agent_dpo.service import job_results_task, open_context
+    from agent_dpo_adapters.nats_jobs import ensure_job_streams, publish_status
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_job_streams(js)
+    stop = asyncio.Event()
+    ctx = await open_context(nc, nats_url, Settings(), tmp_path, stop, ServicePolicy(gateway_port=0))
+    ctx.state.update(TENANT, AGENT, pairs=600, job_id="job-x", version="dpo-1", in_flight=True)
+    base = {"job_id": "job-x", "tenant_id": TENANT, "agent_id": AGENT, "version": "dpo-1"}
+    for state, extra in (("queued", {}), ("running", {}), ("failed", {"error": "CUDA out of memory"})):
+        await publish_status(js, JobStatus(**base, state=state, **extra))
+    task = asyncio.create_task(job_results_task(ctx))
+
+    async def ended():
+        return TrainingState(ctx.state.path).get(TENANT, AGENT).get("in_flight") is False
+
+    await wait_for(ended, 20, "the failure to reach the training state")
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    entry = TrainingState(ctx.state.path).get(TENANT, AGENT)
+    assert entry["job_state"] == "failed" and entry["pairs"] == 600
+    assert await ctx.registry.list_manifests(TENANT, AGENT) == []
+    await nc.close()
