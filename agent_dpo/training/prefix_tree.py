@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ class TreeBatch:
     branch_lengths: torch.Tensor  # (n_examples, max_branches) completion tokens per branch
     n_examples: int
     max_branches: int
+    groups: list[list[int]]  # rows run together in one level-1 call, padded to the group's longest
 
     @property
     def tree_tokens(self) -> int:
@@ -62,6 +64,35 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
         if any(s[i] != token for s in sequences):
             return i
     return n
+
+
+# Rough cost of one more level-1 call, in padded tokens; a split must save more than this.
+GROUP_OVERHEAD_TOKENS = 48
+
+
+def group_rows(lengths: Sequence[int], max_groups: int = 3) -> list[list[int]]:
+    """Rows sorted by length and cut into at most `max_groups` runs so padding (each run is padded to its
+    longest row) plus the per-call overhead is smallest. Histories vary a lot in length; padding them all
+    to the longest would waste a tenth of level 1."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    n = len(order)
+    best = (n * lengths[order[0]], [order])
+    for cuts in _cut_points(n, max_groups - 1):
+        bounds = [0, *cuts, n]
+        runs = [order[a:b] for a, b in pairwise(bounds)]
+        cost = sum(len(run) * lengths[run[0]] for run in runs) + GROUP_OVERHEAD_TOKENS * (len(runs) - 1)
+        if cost < best[0]:
+            best = (cost, runs)
+    return best[1]
+
+
+def _cut_points(n: int, most: int) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
+    for a in range(1, n):
+        out.append((a,))
+        if most > 1:
+            out.extend((a, b) for b in range(a + 1, n))
+    return out
 
 
 def build_tree(examples: Sequence[TreeExample]) -> TreeBatch:
@@ -133,6 +164,7 @@ def build_tree(examples: Sequence[TreeExample]) -> TreeBatch:
         branch_lengths=lengths,
         n_examples=len(examples),
         max_branches=max_branches,
+        groups=group_rows([len(x) for x in row_tokens]),
     )
 
 
@@ -156,28 +188,36 @@ def tree_hidden(model: Any, tree: TreeBatch) -> torch.Tensor:
 
     decoder, _ = decoder_and_head(model)
     device = next(decoder.parameters()).device
-    n = tree.row_ids.shape[0]
-    p = tree.prefix_ids.shape[1]
-    cache = DynamicCache(config=decoder.config)
-    if p > 0:
-        decoder(
-            input_ids=tree.prefix_ids.to(device),
-            position_ids=torch.arange(p, device=device).unsqueeze(0),
-            use_cache=True,
-            **_decoder_kwargs(decoder, cache),
-        )
-        cache.batch_repeat_interleave(n)
     dtype = next(decoder.parameters()).dtype
-    # An additive float mask works with every attention implementation (eager adds it, sdpa accepts it).
-    mask = torch.zeros(tree.row_mask.shape, dtype=dtype).masked_fill_(~tree.row_mask, torch.finfo(dtype).min)
-    out = decoder(
-        input_ids=tree.row_ids.to(device),
-        position_ids=tree.row_positions.clamp(min=0).to(device),
-        attention_mask=mask.to(device),
-        use_cache=p > 0,
-        **_decoder_kwargs(decoder, cache if p > 0 else None),
-    )
-    return out.last_hidden_state
+    t = tree.row_ids.shape[1]
+    p = tree.prefix_ids.shape[1]
+    prefix = None
+    if p > 0:
+        prefix = DynamicCache(config=decoder.config)
+        decoder(input_ids=tree.prefix_ids.to(device), position_ids=torch.arange(p, device=device).unsqueeze(0),
+                use_cache=True, **_decoder_kwargs(decoder, prefix))
+    outs = []
+    for rows in tree.groups:
+        index = torch.tensor(rows)
+        width = int((tree.row_positions[index] >= 0).sum(dim=1).max())
+        cache = None
+        if prefix is not None:
+            # Every row of the group reads the same prefix keys/values; the copies are views' concatenation,
+            # so the gradient of all rows flows back into the one prefix pass.
+            cache = DynamicCache(config=decoder.config)
+            for i, layer in enumerate(prefix.layers):
+                cache.update(layer.keys.expand(len(rows), -1, -1, -1), layer.values.expand(len(rows), -1, -1, -1), i)
+        allowed = tree.row_mask[index][:, :, :width, : p + width]
+        # An additive float mask works with every attention implementation (eager adds it, sdpa takes it).
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = decoder(input_ids=tree.row_ids[index, :width].to(device),
+                      position_ids=tree.row_positions[index, :width].clamp(min=0).to(device),
+                      attention_mask=mask.to(device), use_cache=cache is not None,
+                      **_decoder_kwargs(decoder, cache)).last_hidden_state
+        outs.append(torch.nn.functional.pad(out, (0, 0, 0, t - width)))
+    order = torch.tensor([r for rows in tree.groups for r in rows])
+    hidden = torch.cat(outs, dim=0)
+    return hidden[torch.argsort(order).to(hidden.device)]
 
 
 def token_logps(model: Any, tree: TreeBatch, hidden: torch.Tensor) -> torch.Tensor:
