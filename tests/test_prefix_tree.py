@@ -84,8 +84,9 @@ def _rows() -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, smollm2_store):
     """(policy, reference, tokenizer): the tiny Llama and a perturbed copy, so log-ratios are not zero."""
-    from agent_dpo_adapters.hf_models import SMOLLM2, load_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from agent_dpo_adapters.hf_models import SMOLLM2, load_tokenizer
 
     tokenizer = load_tokenizer(SMOLLM2, smollm2_store)
     policy = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)

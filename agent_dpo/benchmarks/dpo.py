@@ -263,9 +263,9 @@ def parity_line(trainer: Any, examples: list, trl_ref: Any, out=sys.stdout) -> N
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
 
     from agent_dpo.cli.common import DEFAULT_STORE_DIR
+    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
 
     torch.manual_seed(args.seed)
     store = Path(args.store) if args.store else DEFAULT_STORE_DIR
