@@ -200,10 +200,14 @@ def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, 
     trl_batch = min(batch, trl_pairs)
     trl_steps = max(trl_pairs // trl_batch, 1)
     with tempfile.TemporaryDirectory() as tmp:
+        cpu = time.process_time()
         engine_s, examples, ref = run_engine(base, tokenizer, rows, steps, batch)
+        engine_cpu = time.process_time() - cpu
         gc.collect()  # the engine's model copy goes before TRL makes its own
+        cpu = time.process_time()
         trl_s, trainer = run_trl(base, tokenizer, rows[:trl_pairs], trl_steps, trl_batch, Path(tmp),
                                  min(micro_batch, trl_batch))
+        trl_cpu = time.process_time() - cpu
     first = examples[:batch]
     tree = build_tree(first)
     # Same token sequences on both sides, and the same reference log-probs (exactness on the real model).
@@ -225,6 +229,10 @@ def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, 
     print(f"{name}: TRL DPOTrainer {trl_rate:.3f} pairs/s ({trl_steps * trl_batch} pairs in {trl_s:.1f} s), "
           f"prefix-tree engine {engine_rate:.3f} pairs/s ({steps * batch} pairs in {engine_s:.1f} s), "
           f"reference pass included", file=out)
+    # CPU seconds per pair (this process only) are steadier than wall time when other jobs share the cores.
+    print(f"{name}: CPU time per pair: TRL {trl_cpu / (trl_steps * trl_batch):.1f} s, engine "
+          f"{engine_cpu / (steps * batch):.1f} s, ratio {trl_cpu / (trl_steps * trl_batch) / (engine_cpu / (steps * batch)):.2f}",
+          file=out)
     print(f"{name}: identical tokens {same_tokens}, reference log-prob max |diff| vs TRL {ref_diff:.2e}",
           file=out)
     return ratio

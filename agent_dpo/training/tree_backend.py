@@ -105,7 +105,11 @@ def reference_logps(model: Any, examples: Sequence[TreeExample], cache: RefCache
     computed with the tree (no grad, adapter off) in batches of `batch_size` examples and stored."""
     width = max(len(ex.completions) for ex in examples)
     keys = [[branch_key(ex.prompt_ids, c) for c in ex.completions] for ex in examples]
-    missing = [i for i, row in enumerate(keys) if any(k not in cache for k in row)]
+    missing, seen = [], set()
+    for i, row in enumerate(keys):
+        if any(k not in cache for k in row) and tuple(row) not in seen:  # epochs repeat examples
+            seen.add(tuple(row))
+            missing.append(i)
     was_training = model.training
     model.eval()
     try:
