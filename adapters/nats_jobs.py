@@ -17,7 +17,6 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from agent_dpo_adapters.nats_artifacts import put_artifact
 from nats.js import api
 
 from agent_dpo.errors import AgentDpoError
@@ -32,6 +31,7 @@ from agent_dpo.jobs import (
     TrainJobSpec,
 )
 from agent_dpo.logs import get_logger
+from agent_dpo_adapters.nats_artifacts import put_artifact
 
 WORKER_CONSUMER = "trainers"
 MAX_ATTEMPTS = 3

@@ -17,13 +17,13 @@ import nats
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from agent_dpo_adapters.nats_artifacts import ArtifactDigestMismatch, get_artifact
-from agent_dpo_adapters.nats_jobs import enqueue_job, job_statuses
 from test_training import pair_rows, write_jsonl
 from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
 from agent_dpo.jobs import JOBS_STREAM
 from agent_dpo.training.backend import artifact_digest
+from agent_dpo_adapters.nats_artifacts import ArtifactDigestMismatch, get_artifact
+from agent_dpo_adapters.nats_jobs import enqueue_job, job_statuses
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
