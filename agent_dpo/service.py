@@ -258,10 +258,10 @@ async def check_training(ctx: ServiceContext, reader, seen: dict[tuple[str, str]
             continue
         if ctx.state.get(*key).get("in_flight"):
             continue  # looked at again once the job has ended
-        seen[key] = st.complete_calls
         if ctx.stop.is_set():
             break
         job_id = await maybe_enqueue(ctx, reader, *key)
+        seen[key] = st.complete_calls  # only now: a round that failed is tried again next time
         if job_id:
             enqueued.append(job_id)
     return enqueued
