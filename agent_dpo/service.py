@@ -11,6 +11,9 @@ Policy file (`agent-dpo serve --policy FILE`), every key optional; flags overrid
     judge = "auto"             # auto (rubric for the example agents, else none) | rubric | openai:MODEL | none
     canary_interval_s = 5
     settle_s = 60              # an ended call counts for the canary once it has CSAT, or after this long
+    worker = false             # also train in this process (single machine)
+    gateway_port = 8080        # 0: no gateway
+    gateway_host = "127.0.0.1"
     [train]                    # TrainConfig (agent_dpo/training/config.py)
     [eval]                     # EvalSettings: seed, max_pairs, max_prompts, max_new_tokens, batch_size, device
     [gates]                    # EvalGates: min_preference_accuracy, min_win_rate, ...
@@ -95,7 +98,8 @@ class ServicePolicy:
         if unknown:
             raise UsageError(f"policy file {path}: unknown table(s) {', '.join(sorted(unknown))}")
         serve = dict(data.get("serve", {}))
-        fields = {f.name for f in dataclasses.fields(cls)} - {"train", "eval", "gates", "canary"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"train", "eval", "gates", "canary",
+                                                                "gateway_port_given"}
         bad = set(serve) - fields
         if bad:
             raise UsageError(f"policy [serve]: unknown key(s) {', '.join(sorted(bad))}")
