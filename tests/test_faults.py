@@ -139,7 +139,7 @@ async def test_a_worker_killed_mid_job_registers_nothing_and_the_job_is_retried(
         nc = await connect(server.url)
         js = nc.jetstream()
         data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
-        config = {"base_model": str(tiny_model_dir), "sft_steps": 1, "max_steps": 60, "batch_size": 2,
+        config = {"base_model": str(tiny_model_dir), "sft_steps": 1, "max_steps": 6, "batch_size": 2,
                   "max_length": 256, "lora_r": 4, "lora_alpha": 8}
         spec = await enqueue_job(js, tenant_id="acme", agent_id="salon", version="v9", config=config,
                                  dataset=data, meta={})
