@@ -24,33 +24,38 @@ TUNED_AGENT = ("acme-salons", "salon-rebook")
 
 @dataclass
 class DemoSettings:
+    """Sized for 2 CPU cores: a SmolLM2 training step over 4 pairs costs tens of seconds there, so the
+    demo trains on the newest `max_length` tokens of each context (truncation keep_end) for a few
+    steps. Every size is a flag away for machines with a GPU."""
+
     calls: int = 3000  # simulated calls of both example agents
     seed: int = 7
     malformed: int = 6  # contract-breaking messages among them, to show dead letters
-    backend: str = "fast"  # the local training engine; "trl" works too
-    sft_steps: int = 40
-    dpo_steps: int = 60
-    batch_size: int = 8
-    learning_rate: float = 5e-4
-    sft_learning_rate: float = 5e-4
-    max_length: int = 1024
-    bad_dpo_steps: int = 40
-    eval_pairs: int = 64
-    eval_prompts: int = 24
-    canary_steps: tuple[float, ...] = (0.25, 0.5, 1.0)
-    canary_min_calls: int = 8
-    canary_round_calls: int = 16
-    canary_max_rounds: int = 12
-    max_new_tokens: int = 64
+    backend: str = "trl"  # the local training engine
+    sft_steps: int = 8
+    dpo_steps: int = 16
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    sft_learning_rate: float = 1e-3
+    max_length: int = 256
+    truncation_mode: str = "keep_end"
+    bad_dpo_steps: int = 8
+    eval_pairs: int = 24
+    eval_prompts: int = 8
+    canary_steps: tuple[float, ...] = (0.5, 1.0)
+    canary_min_calls: int = 4
+    canary_round_calls: int = 8
+    canary_max_rounds: int = 8
+    max_new_tokens: int = 48
     store_dir: Path = Path(".agent-dpo/demo")
     report_dir: Path = Path("report")
     quick: bool = False
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> DemoSettings:
-        return replace(cls(calls=1200, sft_steps=12, dpo_steps=16, bad_dpo_steps=10, eval_pairs=24,
-                           eval_prompts=8, canary_min_calls=4, canary_round_calls=8, canary_max_rounds=8,
-                           max_new_tokens=48, quick=True), **overrides)
+        return replace(cls(calls=1000, sft_steps=3, dpo_steps=6, bad_dpo_steps=3, batch_size=2, max_length=192,
+                           eval_pairs=8, eval_prompts=3, canary_min_calls=3, canary_round_calls=6,
+                           canary_max_rounds=6, max_new_tokens=32, quick=True), **overrides)
 
 
 @dataclass
@@ -229,7 +234,8 @@ def _train(run: _Run, data: _Data) -> tuple[_Trained, _Trained]:
     tenant, agent = TUNED_AGENT
     config = TrainConfig(backend=s.backend, method="dpo", sft_steps=s.sft_steps, max_steps=s.dpo_steps,
                          batch_size=s.batch_size, learning_rate=s.learning_rate,
-                         sft_learning_rate=s.sft_learning_rate, max_length=s.max_length, seed=s.seed)
+                         sft_learning_rate=s.sft_learning_rate, max_length=s.max_length,
+                         truncation_mode=s.truncation_mode, seed=s.seed)
     backend = get_backend(config.backend)
 
     def train(version: str, train_file: Path, cfg: TrainConfig, title: str) -> Any:
@@ -275,7 +281,8 @@ def _evaluate(run: _Run, data: _Data, good: _Trained, bad: _Trained) -> dict[str
     s = run.settings
     run.stage("eval", f"held-out pairs ({len(data.test_rows)}) and prompts; rubric judge, position-swapped")
     settings = EvalSettings(seed=s.seed, max_pairs=s.eval_pairs, max_prompts=s.eval_prompts,
-                            max_new_tokens=s.max_new_tokens)
+                            max_new_tokens=s.max_new_tokens,
+                            max_length=s.max_length if s.truncation_mode == "keep_end" else None)
     base = Policy("base", good.result.base_model)
     results = {}
     figures = []
@@ -326,13 +333,16 @@ async def _canary(run: _Run, nc, js, store, bus, data: _Data, good: _Trained, ba
             event_range=data.meta.get("event_range") or {}, hyperparameters={"demo": True}))
         say(f"{trained.version}: manifest written, artifact {artifact} ({digest[:19]}...)")
 
-    backend = LocalPeftBackend.from_store(good.result.base_model, s.store_dir.parent, js=js,
-                                          max_new_tokens=s.max_new_tokens)
+    backend = LocalPeftBackend.from_store(
+        good.result.base_model, s.store_dir.parent, js=js, max_new_tokens=s.max_new_tokens,
+        max_prompt_tokens=s.max_length if s.truncation_mode == "keep_end" else None)
     router = Router(registry, backend, base_model=good.result.base_model)
     await router.start()
     publisher = EventPublisher(js)
+    # A demo canary sees a handful of calls per arm, so its limits are wider than production's defaults.
     policy = CanaryPolicy(steps=s.canary_steps, min_calls_per_step=s.canary_min_calls,
-                          min_feedback=s.canary_min_calls)
+                          min_feedback=s.canary_min_calls, max_csat_drop=0.1, max_thumbs_down_increase=0.25,
+                          max_tool_error_increase=0.25, max_escalation_increase=0.25)
     controller = CanaryController(registry, policy, actor="demo-canary")
     prompts = live_prompts(agent, 10_000, s.seed + 1000)
     counter = {"n": 0, "switches": 0}
