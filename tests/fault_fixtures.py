@@ -6,12 +6,14 @@ loopback (JetStream, R3) whose nodes can be killed and restarted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import nats.js.errors
 from agent_dpo_adapters.nats_bus import connect
 from agent_dpo_adapters.nats_server import EmbeddedNats, free_port
-from agent_dpo_adapters.sqlite_store import SqliteStore
+from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
 from agent_dpo.config import BusConfig
 from agent_dpo.errors import AgentDpoError
@@ -120,6 +122,18 @@ def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
 def sigkill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+
+
+@contextlib.contextmanager
+def locked_store(store_dir: Path) -> Iterator[None]:
+    """Another process's write lock on the store's SQLite file while inside: ingest's writes stall."""
+    db = sqlite3.connect(Path(store_dir) / STORE_FILE, isolation_level=None, timeout=30)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
 
 
 def rss_kib(pid: int) -> int:

@@ -37,6 +37,7 @@ from fault_fixtures import (
     cli,
     export_all,
     init_bus_patiently,
+    locked_store,
     publish_envs,
     reference_exports,
     sigkill,
@@ -68,14 +69,21 @@ async def test_ingest_sigkilled_at_random_points_several_times_then_a_clean_run(
     args = ("ingest", "--nats-url", nats_url, "--store", str(store), "--batch-size", "50")
     rng = random.Random(7)
     kills = []
-    for threshold in sorted(rng.sample(range(150, total - 600), 5)):
+    for i, threshold in enumerate(sorted(rng.sample(range(150, total - 600), 5))):
         proc = cli(*args, env=FAST_ENV)
         try:
             target = max(threshold, count_events(store) + rng.randint(50, 300))
             await _wait_for(lambda: count_events(store) >= target, 90, f"{target} events", proc)
             await asyncio.sleep(rng.uniform(0.0, 0.08))  # anywhere inside a batch: fetch, write, ack
+            if i % 2:
+                # Every other kill lands while a write is stalled (a locked or slow disk): the batch in
+                # hand has been fetched but must not have been acked.
+                with locked_store(store):
+                    await asyncio.sleep(1.0)
+                    sigkill(proc)
         finally:
-            sigkill(proc)
+            if proc.poll() is None:
+                sigkill(proc)
         kills.append(count_events(store))
     await trickle
     proc = cli(*args, "--until-idle", "2", env=FAST_ENV)

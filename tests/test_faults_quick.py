@@ -27,9 +27,11 @@ from fault_fixtures import (
     assert_same_exports,
     cli,
     export_all,
+    locked_store,
     publish_envs,
     reference_exports,
     rss_kib,
+    sigkill,
     world,
 )
 from ingest_fixtures import FAST_BUS, count_events, ingest_once, init_bus
@@ -78,6 +80,33 @@ async def test_nats_server_sigkill_mid_ingest_then_restart_from_its_store(tmp_pa
             proc.kill()
             proc.communicate()
         server.stop()
+
+
+async def test_ingest_sigkilled_while_its_write_is_stalled_loses_nothing(nats_url, tmp_path):
+    """The kill lands while the batch in hand waits on a locked store: fetched, not yet stored, so it must
+    not have been acked either; the next run stores it. (Nothing is acked before it is stored.)"""
+    envs = world(60, seed=4)
+    await init_bus(nats_url)
+    await publish_envs(nats_url, envs)
+    store = tmp_path / "store"
+    args = ("ingest", "--nats-url", nats_url, "--store", str(store), "--batch-size", "100")
+    proc = cli(*args, env=FAST_ENV)
+    try:
+        await _wait_for(lambda: count_events(store) >= 100, 60, "the first batch", proc)
+        with locked_store(store):
+            await asyncio.sleep(1.0)  # the next batch is fetched and its write is stuck on the lock
+            stalled_at = count_events(store)
+            sigkill(proc)
+    finally:
+        if proc.poll() is None:
+            sigkill(proc)
+    assert stalled_at < distinct_events(envs)
+    proc = cli(*args, "--until-idle", "1", env=FAST_ENV)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err[-2000:]
+    assert count_events(store) == distinct_events(envs), "events acked before they were stored were lost"
+    want = await reference_exports(nats_url, tmp_path, agents_of(envs))
+    assert_same_exports(export_all(store, tmp_path / "out", agents_of(envs)), want)
 
 
 class SlowStore(SqliteStore):
