@@ -118,9 +118,10 @@ async def _demo(s: DemoSettings) -> Path:
     store = SqliteStore(work / "events")
     try:
         await _publish_and_ingest(run, nc, js, store, bus)
-        data = _export(run, store)
-        good, bad = _train(run, data)
-        evals = _evaluate(run, data, good, bad)
+        # Blocking work runs in a thread so the event loop keeps answering NATS pings meanwhile.
+        data = await asyncio.to_thread(_export, run, store)
+        good, bad = await asyncio.to_thread(_train, run, data)
+        evals = await asyncio.to_thread(_evaluate, run, data, good, bad)
         await _canary(run, nc, js, store, bus, data, good, bad, evals)
     finally:
         store.close()

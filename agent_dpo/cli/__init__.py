@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except Exception as exc:  # an unexpected failure: one line for the operator, the trace in the log
+        from agent_dpo.logs import get_logger
+
+        get_logger(verb=args.verb).debug("unexpected_error", exc_info=True)  # --log-level debug shows it
+        print(f"agent-dpo {args.verb}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
