@@ -176,8 +176,14 @@ def _enqueue(args: argparse.Namespace, config: Any, tenant: str, agent: str, ver
     except ModuleNotFoundError as exc:
         raise AgentDpoError(f"--enqueue needs {exc.name}, which is not in this install") from None
 
+    from agent_dpo.config import load_settings
+
+    # `--config` here is the training config, so NATS credentials come from the environment
+    # (AGENT_DPO_CONFIG / AGENT_DPO_NATS_*), as for every other verb.
+    auth = load_settings().nats
+
     async def go() -> str:
-        nc = await connect(nats_url(args))
+        nc = await connect(nats_url(args), auth)
         try:
             spec = await enqueue_job(nc.jetstream(), tenant_id=tenant, agent_id=agent, version=version,
                                      config=config.to_dict(), dataset=data, meta=meta,
