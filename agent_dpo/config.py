@@ -91,6 +91,8 @@ class BusConfig:
             problems.append("backoff_s may not have more entries than max_deliver")
         if self.ack_wait_s <= 0 or self.fetch_timeout_s <= 0 or self.nak_delay_s < 0:
             problems.append("ack_wait_s and fetch_timeout_s must be > 0, nak_delay_s >= 0")
+        if not all(math.isfinite(b) and b > 0 for b in self.backoff_s):
+            problems.append("backoff_s entries must be finite numbers > 0")
         if self.backoff_s and self.backoff_s[0] < self.ack_wait_s:
             problems.append("backoff_s[0] may not be below ack_wait_s (JetStream uses it as the first ack wait)")
         if not 0 <= self.store_retry_s < self.ack_wait_s / 2:
@@ -206,7 +208,10 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
                 value = [v for v in value.replace(" ", "").split(",") if v]
             if not isinstance(value, list) or any(isinstance(v, bool) for v in value):
                 raise TypeError("expected a list of numbers")
-            return tuple(float(v) for v in value)
+            numbers = tuple(float(v) for v in value)
+            if not all(math.isfinite(n) for n in numbers):
+                raise ValueError("expected finite numbers")
+            return numbers
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError("expected an integer")
