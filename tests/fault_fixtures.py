@@ -16,21 +16,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import nats.js.errors
-from agent_dpo_adapters.nats_bus import connect
-from agent_dpo_adapters.nats_server import EmbeddedNats, free_port
-from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
 from agent_dpo.config import BusConfig
 from agent_dpo.errors import AgentDpoError
 from agent_dpo.events import subject_for
 from agent_dpo.export import FORMATS, export_dataset
 from agent_dpo.world.simulator import simulate
+from agent_dpo_adapters.nats_bus import connect
+from agent_dpo_adapters.nats_server import EmbeddedNats, free_port
+from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_fixtures import FAST_BUS, encode, ingest_once, init_bus  # noqa: E402
+from ingest_fixtures import FAST_BUS, encode, ingest_once, init_bus
 
 # The subprocess reads its bus settings from the environment: short timers so a crash is redelivered fast.
 FAST_ENV = {"AGENT_DPO_BUS_ACK_WAIT_S": "3", "AGENT_DPO_BUS_BACKOFF_S": "3", "AGENT_DPO_BUS_STORE_RETRY_S": "1",
@@ -198,7 +198,7 @@ class NatsCluster:
         for node in self.nodes:
             node.stop()
 
-    async def __aenter__(self) -> NatsCluster:
+    async def __aenter__(self) -> Self:
         try:
             return await self.start()
         except BaseException:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import nats.js.errors
 import pytest
+
+from agent_dpo.errors import AgentDpoError
 from agent_dpo_adapters.nats_artifacts import get_artifact, open_artifact_store
 from agent_dpo_adapters.nats_bus import connect
 from agent_dpo_adapters.nats_jobs import enqueue_job, job_statuses
 from agent_dpo_adapters.nats_registry import NatsRegistry
 from agent_dpo_adapters.nats_server import EmbeddedNats
-
-from agent_dpo.errors import AgentDpoError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_fixtures import (
@@ -73,7 +73,7 @@ async def test_ingest_sigkilled_at_random_points_several_times_then_a_clean_run(
         proc = cli(*args, env=FAST_ENV)
         try:
             target = max(threshold, count_events(store) + rng.randint(50, 300))
-            await _wait_for(lambda: count_events(store) >= target, 90, f"{target} events", proc)
+            await _wait_for(lambda t=target: count_events(store) >= t, 90, f"{target} events", proc)
             await asyncio.sleep(rng.uniform(0.0, 0.08))  # anywhere inside a batch: fetch, write, ack
             if i % 2:
                 # Every other kill lands while a write is stalled (a locked or slow disk): the batch in
@@ -177,7 +177,7 @@ async def test_a_worker_killed_mid_job_registers_nothing_and_the_job_is_retried(
         # JetStream redelivers the unacked job after the worker's ack wait; another worker finishes it.
         started = time.monotonic()
         retry = cli(*worker, "--store", str(tmp_path / "box-2"), "--name", "survivor")
-        out, err = retry.communicate(timeout=300)
+        _, err = retry.communicate(timeout=300)
         assert retry.returncode == 0, err[-3000:]
         statuses = [s async for s in job_statuses(js, spec.job_id, timeout=30)]
         final = statuses[-1]

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from agent_dpo_adapters.nats_bus import connect
 from agent_dpo_adapters.nats_server import EmbeddedNats
 from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_dpo_adapters.nats_bus import connect
-from agent_dpo_adapters.sqlite_store import STORE_FILE
 
 from agent_dpo.events import subject_for
 from agent_dpo.world.simulator import simulate
+from agent_dpo_adapters.nats_bus import connect
+from agent_dpo_adapters.sqlite_store import STORE_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fault_fixtures import FAST_ENV, cli, rss_kib
