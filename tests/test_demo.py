@@ -13,6 +13,7 @@ from tests.browser import render
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_quick_demo_runs_the_whole_loop_and_writes_a_report_that_renders(tmp_path):
     started = time.monotonic()
     proc = subprocess.run(
