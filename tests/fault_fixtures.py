@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
+import nats.errors
 import nats.js.errors
 
 from agent_dpo.config import BusConfig
@@ -56,15 +57,21 @@ async def publish_envs(url: str, envs: list[dict[str, Any]], *, window: int = 25
 
         async def one(env: dict[str, Any]) -> None:
             subject = subject_for(env["tenant_id"], env["agent_id"], env["type"])
-            for attempt in range(50):
+            deadline = time.monotonic() + 30
+            while True:
                 try:
-                    await js.publish(subject, encode(env), headers={"Nats-Msg-Id": msg_id(env)}, timeout=10)
+                    await js.publish(subject, encode(env), headers={"Nats-Msg-Id": msg_id(env)}, timeout=5)
                     return
                 except nats.js.errors.APIError as exc:
                     # A clustered stream answers 409 while a re-sent copy's first publish is in process.
-                    if exc.err_code != 10158 or attempt == 49:
+                    if exc.err_code != 10158 or time.monotonic() > deadline:
                         raise
-                    await asyncio.sleep(0.05)
+                except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+                        nats.errors.TimeoutError):
+                    # A node was lost and the stream is electing a leader: retry, as a runtime would.
+                    if time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.1)
 
         for start in range(0, len(envs), window):
             await asyncio.gather(*(one(e) for e in envs[start:start + window]))
