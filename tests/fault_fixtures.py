@@ -126,6 +126,15 @@ def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
                             text=True, **kw)
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """Wait for a process to exit by itself; SIGKILL it if it does not within `timeout`."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            sigkill(proc)
+
+
 def sigkill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.communicate()

@@ -36,6 +36,7 @@ from fault_fixtures import (
     assert_same_exports,
     cli,
     export_all,
+    finish,
     init_bus_patiently,
     locked_store,
     publish_envs,
@@ -87,7 +88,7 @@ async def test_ingest_sigkilled_at_random_points_several_times_then_a_clean_run(
         kills.append(count_events(store))
     await trickle
     proc = cli(*args, "--until-idle", "2", env=FAST_ENV)
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc, 120)
     assert proc.returncode == 0, err[-2000:]
 
     assert sum(k < total for k in kills) >= 4, f"kills should land mid-stream: {kills} of {total}"
@@ -177,7 +178,11 @@ async def test_a_worker_killed_mid_job_registers_nothing_and_the_job_is_retried(
         # JetStream redelivers the unacked job after the worker's ack wait; another worker finishes it.
         started = time.monotonic()
         retry = cli(*worker, "--store", str(tmp_path / "box-2"), "--name", "survivor")
-        _, err = retry.communicate(timeout=300)
+        try:
+            _, err = retry.communicate(timeout=300)
+        finally:
+            if retry.poll() is None:
+                sigkill(retry)
         assert retry.returncode == 0, err[-3000:]
         statuses = [s async for s in job_statuses(js, spec.job_id, timeout=30)]
         final = statuses[-1]

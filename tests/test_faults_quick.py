@@ -28,6 +28,7 @@ from fault_fixtures import (
     assert_same_exports,
     cli,
     export_all,
+    finish,
     locked_store,
     publish_envs,
     reference_exports,
@@ -104,7 +105,7 @@ async def test_ingest_sigkilled_while_its_write_is_stalled_loses_nothing(nats_ur
             sigkill(proc)
     assert stalled_at < distinct_events(envs)
     proc = cli(*args, "--until-idle", "1", env=FAST_ENV)
-    _, err = proc.communicate(timeout=90)
+    _, err = finish(proc, 90)
     assert proc.returncode == 0, err[-2000:]
     assert count_events(store) == distinct_events(envs), "events acked before they were stored were lost"
     want = await reference_exports(nats_url, tmp_path, agents_of(envs))
