@@ -32,30 +32,30 @@ class DemoSettings:
     seed: int = 7
     malformed: int = 6  # contract-breaking messages among them, to show dead letters
     backend: str = "trl"  # the local training engine
-    sft_steps: int = 8
-    dpo_steps: int = 16
+    sft_steps: int = 4
+    dpo_steps: int = 8
     batch_size: int = 4
     learning_rate: float = 1e-3
     sft_learning_rate: float = 1e-3
     max_length: int = 256
     truncation_mode: str = "keep_end"
-    bad_dpo_steps: int = 8
-    eval_pairs: int = 24
-    eval_prompts: int = 8
+    bad_dpo_steps: int = 4
+    eval_pairs: int = 12
+    eval_prompts: int = 4
     canary_steps: tuple[float, ...] = (0.5, 1.0)
-    canary_min_calls: int = 4
-    canary_round_calls: int = 8
-    canary_max_rounds: int = 8
-    max_new_tokens: int = 48
+    canary_min_calls: int = 3
+    canary_round_calls: int = 6
+    canary_max_rounds: int = 6
+    max_new_tokens: int = 32
     store_dir: Path = Path(".agent-dpo/demo")
     report_dir: Path = Path("report")
     quick: bool = False
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> DemoSettings:
-        return replace(cls(calls=1000, sft_steps=3, dpo_steps=6, bad_dpo_steps=3, batch_size=2, max_length=192,
-                           eval_pairs=8, eval_prompts=3, canary_min_calls=3, canary_round_calls=6,
-                           canary_max_rounds=6, max_new_tokens=32, quick=True), **overrides)
+        return replace(cls(calls=600, sft_steps=1, dpo_steps=1, bad_dpo_steps=1, batch_size=2, max_length=128,
+                           eval_pairs=4, eval_prompts=2, canary_min_calls=2, canary_round_calls=4,
+                           canary_max_rounds=3, max_new_tokens=16, quick=True), **overrides)
 
 
 @dataclass
