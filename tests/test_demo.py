@@ -37,10 +37,12 @@ def test_quick_demo_runs_the_whole_loop_and_writes_a_report_that_renders(tmp_pat
     actions = [(e["version"], e["action"]) for e in report["timeline"]]
     # Both versions went through the canary and each got a live decision from its own calls' outcomes
     # (which one wins at quick-run training sizes is up to the data; tests/test_canary.py pins the rules).
-    for version in ("v1", "v2"):
+    # v1 enters only if its eval passes the gates; v2 is forced in by the demo's operator.
+    assert ("v1", "canary_start") in actions or ("v1", "refuse") in actions, actions
+    for version in ("v1", "v2") if ("v1", "canary_start") in actions else ("v2",):
         assert (version, "canary_start") in actions
         assert any(v == version and a in ("promote", "rollback", "canary_step") for v, a in actions), actions
-    assert {p["version"] for p in report["arms"]} >= {"v1", "v2"}
+        assert version in {p["version"] for p in report["arms"]}
     assert any("mid-call model switches: 0" in s for s in report["summary"])
     print(f"quick demo wall time {wall:.0f} s")
 
