@@ -4,7 +4,6 @@ hash to the digest the version's manifest recorded, before a single weight is lo
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 import tarfile
@@ -14,6 +13,7 @@ from pathlib import Path
 import nats.js.errors
 from nats.js import api
 
+from agent_dpo.digest import folder_digest as artifact_digest
 from agent_dpo.errors import AgentDpoError
 from agent_dpo.logs import get_logger
 
@@ -23,21 +23,6 @@ log = get_logger(component="artifacts")
 
 class ArtifactDigestMismatch(AgentDpoError):
     """The artifact's content does not match the digest its manifest recorded."""
-
-
-def artifact_digest(path: str | Path) -> str:
-    """`sha256:<hex>` over the folder's files (sorted relative path, size and bytes of each), so the
-    digest depends only on content, never on packing, mtimes or the order a disk lists files in."""
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
-        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
 
 
 def _pack(path: Path) -> bytes:

@@ -4,7 +4,6 @@ imported only when chosen, so the core never pulls in torch or the OpenAI SDK by
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent_dpo.errors import AgentDpoError
+from agent_dpo.digest import folder_digest
 from agent_dpo.training.config import TrainConfig
 
 Progress = Callable[[dict[str, Any]], None]
@@ -80,17 +80,9 @@ def get_backend(name: str) -> TrainingBackend:
 
 
 def artifact_digest(path: str | Path) -> str:
-    """`sha256:<hex>` over the artifact folder's files (sorted relative path, size and bytes of each):
-    the same rule agent_dpo_adapters.nats_artifacts checks before serving loads a single weight."""
+    """The artifact's content digest (agent_dpo.digest.folder_digest), refusing a folder with no weights."""
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
     if not any(f.suffix == ".safetensors" for f in files):
         raise AgentDpoError(f"{root} holds no safetensors to digest")
-    digest = hashlib.sha256()
-    for f in files:
-        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
-        digest.update(f"{rel}\0{f.stat().st_size}\0".encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    return folder_digest(root)
