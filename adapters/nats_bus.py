@@ -76,15 +76,21 @@ async def connect(url: str, auth: NatsAuth | None = None, *, name: str = "agent-
         log.info("nats_reconnected", url=url)
 
     try:
-        # nats-py can hang after a failed TLS handshake; the whole first attempt gets a deadline.
-        nc = await asyncio.wait_for(nats.connect(
+        # nats-py can hang after a failed TLS handshake, even while being cancelled; the first
+        # attempt gets a deadline, and a hung attempt is cancelled without waiting on it.
+        attempt = asyncio.ensure_future(nats.connect(
             servers, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
             # A few tries for the first connection (a wrong URL fails fast, as a one-line error) ...
             max_reconnect_attempts=2, reconnect_time_wait=0.5, ping_interval=10, max_outstanding_pings=3,
             # Our subjects are built from validated ids; acks are reply subjects from the server.
             skip_subject_validation=True,
             error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-            **connect_options(auth)), timeout=connect_timeout + 3)
+            **connect_options(auth)))
+        done, _ = await asyncio.wait({attempt}, timeout=connect_timeout + 3)
+        if not done:
+            attempt.cancel()
+            raise TimeoutError(f"no connection within {connect_timeout + 3:.0f}s")
+        nc = attempt.result()
         client.append(nc)
         # ... and, once connected, reconnects that never give up (nats-py reads this option on each one).
         nc.options["max_reconnect_attempts"] = -1
