@@ -159,7 +159,9 @@ async def test_a_slow_then_locked_store_applies_backpressure_and_loses_nothing(n
         store.close()
         blocker.close()
     assert stats.store_retries > 0 and stats.dead_letters == 0
-    assert max(seen) <= 2 * bus.batch_size, f"fetched beyond what can be written: {max(seen)} unacked"
+    # Two batches in hand (one being written, one fetched); a nak'ed batch's redelivery can overlap the
+    # sample by a few messages on a loaded machine. Without backpressure this reaches well over 1,000.
+    assert max(seen) <= 3 * bus.batch_size, f"fetched beyond what can be written: {max(seen)} unacked"
     assert_same_exports(export_all(tmp_path / "store", tmp_path / "out", agents_of(envs)), want)
 
 
