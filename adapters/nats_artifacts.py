@@ -43,16 +43,21 @@ def _unpack(data: bytes, dest: Path) -> None:
         tar.extractall(dest, filter="data")  # "data" refuses absolute paths, links out, devices
 
 
-async def open_artifact_store(js, bucket: str = ARTIFACT_BUCKET):
+async def open_object_store(js, bucket: str, description: str):
+    """Open a file-backed object store, creating it if missing (a racing creator is fine)."""
     try:
         return await js.object_store(bucket)
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
         pass
     try:
         return await js.create_object_store(bucket, config=api.ObjectStoreConfig(
-            bucket=bucket, storage=api.StorageType.FILE, description="agent-dpo adapter artifacts"))
+            bucket=bucket, storage=api.StorageType.FILE, description=description))
     except nats.js.errors.BadRequestError:
         return await js.object_store(bucket)
+
+
+async def open_artifact_store(js, bucket: str = ARTIFACT_BUCKET):
+    return await open_object_store(js, bucket, "agent-dpo adapter artifacts")
 
 
 async def put_artifact(js, name: str, path: str | Path, bucket: str = ARTIFACT_BUCKET) -> str:

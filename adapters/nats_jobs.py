@@ -31,7 +31,7 @@ from agent_dpo.jobs import (
     TrainJobSpec,
 )
 from agent_dpo.logs import get_logger
-from agent_dpo_adapters.nats_artifacts import put_artifact
+from agent_dpo_adapters.nats_artifacts import open_object_store, put_artifact
 
 WORKER_CONSUMER = "trainers"
 MAX_ATTEMPTS = 3
@@ -62,15 +62,7 @@ async def ensure_job_streams(js) -> None:
 
 
 async def _dataset_store(js):
-    try:
-        return await js.object_store(DATASET_BUCKET)
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-        pass
-    try:
-        return await js.create_object_store(DATASET_BUCKET, config=api.ObjectStoreConfig(
-            bucket=DATASET_BUCKET, storage=api.StorageType.FILE, description="agent-dpo training datasets"))
-    except nats.js.errors.BadRequestError:
-        return await js.object_store(DATASET_BUCKET)
+    return await open_object_store(js, DATASET_BUCKET, "agent-dpo training datasets")
 
 
 def file_digest(path: Path) -> str:
