@@ -238,9 +238,9 @@ def measure(name: str, base: Any, tokenizer: Any, rows: list[dict], steps: int, 
     return ratio
 
 
-def parity_line(trainer: Any, examples: list, trl_ref: Any, out=sys.stdout) -> None:
-    """Loss, per-example log-probs and LoRA gradient of the engine against TRL's own compute_loss, on
-    TRL's trained model and its first batch: the exactness check at full size."""
+def parity(trainer: Any, examples: list, trl_ref: Any) -> dict[str, float]:
+    """Per-example log-probs, loss and LoRA gradient of the engine against TRL's own compute_loss, on
+    TRL's model and its first batch: the exactness check at full size. Returns the three errors."""
     import torch
 
     from agent_dpo.training.prefix_tree import build_tree, tree_forward
@@ -264,9 +264,16 @@ def parity_line(trainer: Any, examples: list, trl_ref: Any, out=sys.stdout) -> N
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in params])
     model.zero_grad()
-    print(f"parity on SmolLM2 ({n} pairs): log-prob max |diff| {(sums - flat).abs().max().item():.2e}, "
-          f"loss rel diff {abs(loss.item() - trl_loss.item()) / abs(trl_loss.item()):.2e}, "
-          f"gradient rel err {((grad - trl_grad).norm() / trl_grad.norm()).item():.2e}", file=out)
+    return {"logps_max_abs": (sums - flat).abs().max().item(),
+            "loss_rel": abs(loss.item() - trl_loss.item()) / abs(trl_loss.item()),
+            "grad_rel": ((grad - trl_grad).norm() / trl_grad.norm()).item()}
+
+
+def parity_line(trainer: Any, examples: list, trl_ref: Any, out=sys.stdout) -> None:
+    figures = parity(trainer, examples, trl_ref)
+    print(f"parity on SmolLM2 ({len(examples)} pairs): log-prob max |diff| {figures['logps_max_abs']:.2e} "
+          f"(bar 1e-4), loss rel diff {figures['loss_rel']:.2e} (bar 1e-5), "
+          f"gradient rel err {figures['grad_rel']:.2e} (bar 1e-5)", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
