@@ -149,46 +149,24 @@ def load_policy(policy: Policy, store_dir: Path, device: str = "cpu") -> Any:
     return model.to(device).eval()
 
 
-def _encode(tokenizer: Any, prompt: list[dict], completion: list[dict], tools: Any) -> tuple[list[int], int]:
-    """Token ids of prompt + completion and where the completion starts (as TRL splits them)."""
-    from agent_dpo.training.recipes import template_messages
-
-    tools = _tool_list(tools)
-    prompt_ids = tokenizer.apply_chat_template(template_messages(prompt), tools=tools, add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"]
-    full_ids = tokenizer.apply_chat_template(template_messages(prompt + completion), tools=tools, tokenize=True,
-                                             return_dict=True)["input_ids"]
-    start = 0
-    for a, b in zip(prompt_ids, full_ids):
-        if a != b:
-            break
-        start += 1
-    return list(full_ids), start
-
-
 def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str,
-                   max_length: int | None = None) -> list[tuple[float, float]]:
-    """(log p(chosen | prompt), log p(rejected | prompt)) per pair, summed over completion tokens;
-    with max_length, on the last max_length tokens (the oldest context dropped, as keep_end trains)."""
+                   max_length: int | None = None, batch_size: int = 8) -> list[tuple[float, float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) per pair, summed over completion tokens, scored
+    on the prefix-tree engine as training scores them (the agent's shared system prompt and tools run once
+    per batch); with max_length, on the same keep_end window per pair the fast backend trains on."""
     import torch
 
-    out = []
+    from agent_dpo.training.prefix_tree import build_tree, tree_forward
+    from agent_dpo.training.recipes import dpo_rows
+    from agent_dpo.training.tree_backend import tokenize_preference
+
+    mode = "keep_end" if max_length is not None else "keep_start"
+    examples = [tokenize_preference(tokenizer, row, max_length, mode) for row in dpo_rows(pairs)]
+    out: list[tuple[float, float]] = []
     with torch.no_grad():
-        for pair in pairs:
-            scores = []
-            for key in ("chosen", "rejected"):
-                ids, start = _encode(tokenizer, pair["prompt"], pair[key], pair.get("tools"))
-                if max_length is not None and len(ids) > max_length:
-                    cut = len(ids) - max_length
-                    ids, start = ids[cut:], max(1, start - cut)
-                input_ids = torch.tensor([ids], device=device)
-                # Only the positions that predict completion tokens need the vocabulary projection.
-                keep = len(ids) - start + 1
-                logits = model(input_ids=input_ids, logits_to_keep=keep).logits[0, :-1].float()
-                targets = input_ids[0, start:]
-                logps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
-                scores.append(float(logps))
-            out.append((scores[0], scores[1]))
+        for start in range(0, len(examples), batch_size):
+            sums, _ = tree_forward(model, build_tree(examples[start:start + batch_size]))
+            out.extend((float(c), float(r)) for c, r in sums.float().cpu().tolist())
     return out
 
 

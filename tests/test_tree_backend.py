@@ -96,3 +96,30 @@ def test_grown_dataset_scores_only_new_examples(tmp_path, tiny_model_dir):
     assert scored == [2]
     assert torch.equal(again[:4], first)
     assert not list(tmp_path.glob("sha256-other*"))
+
+
+def test_keep_end_keeps_one_window_per_pair(smollm2_store):
+    """keep_end drops the oldest context by the same count for chosen and rejected (the same context for
+    both, and a history the tree shares); keep_start drops rows whose prompt alone fills the window."""
+    from agent_dpo.training.recipes import dpo_rows
+    from agent_dpo.training.tree_backend import tokenize_preference
+    from agent_dpo_adapters.hf_models import SMOLLM2, load_tokenizer
+
+    tokenizer = load_tokenizer(SMOLLM2, smollm2_store)
+    row = dpo_rows(pair_rows(1))[0]
+    full = tokenize_preference(tokenizer, row)
+    assert len(full.prompt_ids) > 40
+    cut = tokenize_preference(tokenizer, row, max_length=40, truncation_mode="keep_end")
+    longest = max(len(c) for c in full.completions)
+    assert list(cut.prompt_ids) == list(full.prompt_ids)[-(40 - longest):]
+    assert [list(c) for c in cut.completions] == [list(c) for c in full.completions]
+    assert max(len(cut.prompt_ids) + len(c) for c in cut.completions) == 40
+    assert tokenize_preference(tokenizer, row, max_length=40) is None
+
+
+def test_dpo_trains_on_a_keep_end_window(tmp_path, tiny_model_dir, smollm2_store):
+    job = _job(tmp_path, tiny_model_dir, smollm2_store, pair_rows(4), "window", base_is_sft=True, max_steps=1,
+               max_length=48, truncation_mode="keep_end")
+    result = get_backend("fast").train(job, lambda _: None)
+    metrics = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert [m["phase"] for m in metrics] == ["dpo"] and metrics[0]["loss"] > 0

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent_dpo.errors import AgentDpoError
 from agent_dpo.digest import folder_digest
+from agent_dpo.errors import AgentDpoError
 from agent_dpo.training.config import TrainConfig
 
 Progress = Callable[[dict[str, Any]], None]

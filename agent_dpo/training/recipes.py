@@ -178,8 +178,9 @@ def run(job: TrainJob, on_progress: Progress, phases: RecipePhases, backend: str
     log = get_logger(tenant_id=job.tenant_id, agent_id=job.agent_id, version=version, backend=backend)
     rows = read_rows(job.train_file)
     kind = dataset_kind(rows)
-    if config.method == "kto" and config.truncation_mode == "keep_end":
-        raise AgentDpoError("truncation_mode keep_end is for SFT and DPO; TRL's KTO keeps the start only")
+    if config.method == "kto" and config.truncation_mode == "keep_end" and backend == "trl":
+        raise AgentDpoError("truncation_mode keep_end is for SFT and DPO on the trl backend (TRL's KTO keeps "
+                            "the start only); the fast backend supports it")
     if config.method == "dpo" and kind != "trl-dpo":
         raise AgentDpoError(f"method dpo needs trl-dpo pairs, but {job.train_file} holds {kind} rows")
     out = Path(job.output_dir)

@@ -43,9 +43,29 @@ def _tools(row: dict) -> Any:
     return json.loads(tools) if isinstance(tools, str) else (tools or None)
 
 
-def tokenize_preference(tokenizer: Any, row: dict, max_length: int | None = None) -> TreeExample | None:
-    """A trl-dpo row -> prompt ids and [chosen ids, rejected ids]; None when the prompt alone fills
-    max_length (TRL drops those). Completions are cut at max_length like TRL's keep_start truncation."""
+def _window(prompt_ids: list[int], completions: list[list[int]], max_length: int | None,
+            truncation_mode: str) -> TreeExample | None:
+    """Fit one prompt and its completions into max_length tokens per branch.
+    keep_start (TRL's default): completions are cut at their end; None when the prompt alone fills the window
+    (TRL drops those). keep_end: the oldest prompt tokens go, by the same count for every completion of the
+    prompt, so chosen and rejected are scored under the same context (TRL cuts each sequence on its own,
+    which gives the longer completion less context) and still share their history in the tree. At least one
+    prompt token stays; a completion longer than the window keeps its start."""
+    n = len(prompt_ids)
+    if max_length is None:
+        return TreeExample(prompt_ids, completions)
+    if truncation_mode == "keep_end":
+        completions = [c[:max_length - 1] for c in completions]
+        keep = max(max_length - max(len(c) for c in completions), 1)
+        return TreeExample(prompt_ids[max(n - keep, 0):], completions)
+    if n >= max_length:
+        return None
+    return TreeExample(prompt_ids, [c[:max_length - n] for c in completions])
+
+
+def tokenize_preference(tokenizer: Any, row: dict, max_length: int | None = None,
+                        truncation_mode: str = "keep_start") -> TreeExample | None:
+    """A trl-dpo row -> prompt ids and [chosen ids, rejected ids], fitted to max_length (see _window)."""
     tools = _tools(row)
     prompt_ids = _chat_ids(tokenizer, row["prompt"], tools, True)
     chosen = _chat_ids(tokenizer, row["prompt"] + row["chosen"], tools, False)
@@ -53,22 +73,17 @@ def tokenize_preference(tokenizer: Any, row: dict, max_length: int | None = None
     # The completion starts where prompt and prompt+completion diverge (templates may render the
     # generation prompt differently from a finished turn).
     n = min(_common_prefix_length(prompt_ids, chosen), _common_prefix_length(prompt_ids, rejected))
-    if max_length is not None and n >= max_length:
-        return None
-    keep = None if max_length is None else max_length - n
-    return TreeExample(prompt_ids[:n], [chosen[n:][:keep], rejected[n:][:keep]])
+    return _window(prompt_ids[:n], [chosen[n:], rejected[n:]], max_length, truncation_mode)
 
 
-def tokenize_unpaired(tokenizer: Any, row: dict, max_length: int | None = None) -> TreeExample | None:
-    """A trl-kto row -> prompt ids and [completion ids]."""
+def tokenize_unpaired(tokenizer: Any, row: dict, max_length: int | None = None,
+                      truncation_mode: str = "keep_start") -> TreeExample | None:
+    """A trl-kto row -> prompt ids and [completion ids], fitted to max_length (see _window)."""
     tools = _tools(row)
     prompt_ids = _chat_ids(tokenizer, row["prompt"], tools, True)
     full = _chat_ids(tokenizer, row["prompt"] + row["completion"], tools, False)
     n = _common_prefix_length(prompt_ids, full)
-    if max_length is not None and n >= max_length:
-        return None
-    keep = None if max_length is None else max_length - n
-    return TreeExample(prompt_ids[:n], [full[n:][:keep]])
+    return _window(prompt_ids[:n], [full[n:]], max_length, truncation_mode)
 
 
 def with_kl_completions(batch: Sequence[TreeExample], max_length: int | None = None) -> list[TreeExample]:
@@ -289,7 +304,8 @@ class TreePhases:
     def sft(self, model: Any, tokenizer: Any, rows: list[dict], config: Any, out_dir: Path,
             metrics: Any) -> tuple[Any, Path, int]:
         torch.manual_seed(config.seed)
-        examples = _tokenized(rows, lambda r: tokenize_unpaired(tokenizer, r, config.max_length), config)
+        examples = _tokenized(rows, lambda r: tokenize_unpaired(tokenizer, r, config.max_length,
+                                                                config.truncation_mode), config)
         model = _with_lora(model, config)
         settings = LoopSettings(max_steps=config.sft_steps, learning_rate=config.sft_learning_rate,
                                 batch_size=config.batch_size, grad_accum=config.grad_accum, seed=config.seed)
@@ -309,7 +325,8 @@ class TreePhases:
         cache = RefCache(self.store_dir / "refcache" if self.store_dir else None, weights_digest(model))
         model = _with_lora(model, config)
         if config.method == "dpo":
-            examples = _tokenized(rows, lambda r: tokenize_preference(tokenizer, r, config.max_length), config)
+            examples = _tokenized(rows, lambda r: tokenize_preference(tokenizer, r, config.max_length,
+                                                                      config.truncation_mode), config)
             settings = LoopSettings(max_steps=config.max_steps, learning_rate=config.learning_rate,
                                     batch_size=config.batch_size, grad_accum=config.grad_accum, seed=config.seed)
             micro = [[examples[i] for i in idx] for idx in batches(len(examples), settings)]
@@ -318,7 +335,7 @@ class TreePhases:
                 return dpo_batch_loss(model, batch, reference_logps(model, batch, cache), config.beta,
                                       config.loss_type if config.loss_type in losses.DPO_LOSSES else "sigmoid")
         else:
-            kept = [(r, tokenize_unpaired(tokenizer, r, config.max_length)) for r in rows]
+            kept = [(r, tokenize_unpaired(tokenizer, r, config.max_length, config.truncation_mode)) for r in rows]
             kept = [(r, ex) for r, ex in kept if ex is not None]
             if not kept:
                 raise _error("no KTO rows fit max_length")
@@ -361,9 +378,6 @@ def _error(message: str) -> Exception:
 
 
 def _tokenized(rows: list[dict], tokenize: Callable[[dict], TreeExample | None], config: Any) -> list[TreeExample]:
-    if getattr(config, "truncation_mode", "keep_start") != "keep_start":
-        raise _error("the fast backend truncates keep_start only (shared prefixes must stay whole); "
-                     "use truncation_mode keep_start or the trl backend")
     examples = [ex for ex in map(tokenize, rows) if ex is not None]
     if not examples:
         raise _error(f"no training rows fit max_length {config.max_length}")
