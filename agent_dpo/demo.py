@@ -31,7 +31,7 @@ class DemoSettings:
     calls: int = 3000  # simulated calls of both example agents
     seed: int = 7
     malformed: int = 6  # contract-breaking messages among them, to show dead letters
-    backend: str = "trl"  # the local training engine
+    backend: str = "fast"  # the local training engine (prefix-tree; "trl" for TRL's trainers)
     sft_steps: int = 4
     dpo_steps: int = 8
     batch_size: int = 4

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="SFT then DPO/KTO for one agent, with the trl, fast or openai backend. Flags override "
                     "the config file; the data comes from --data or is exported from the store.")
     add_agent_option(p, required=False)
-    p.add_argument("--backend", choices=("trl", "fast", "openai"), help="training backend (default trl)")
+    p.add_argument("--backend", choices=("trl", "fast", "openai"), help="training backend (default fast: the prefix-tree engine)")
     p.add_argument("--config", metavar="FILE", help="training config, TOML or JSON (see training/config.py)")
     p.add_argument("--method", choices=("dpo", "kto"), help="preference method (default dpo)")
     p.add_argument("--base-model", help="model name, safetensors folder or hub id "

@@ -4,7 +4,7 @@ the local backend for OpenAI's is the one `backend` field.
 
 File (`agent-dpo train --config FILE`), every key optional, top level or under a `[train]` table:
 
-    backend = "trl"            # trl | fast | openai
+    backend = "fast"           # fast (the prefix-tree engine) | trl | openai
     method = "dpo"             # dpo | kto
     base_model = "smollm2-135m-instruct"
     sft_steps = 60
@@ -31,7 +31,9 @@ LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 @dataclass
 class TrainConfig:
-    backend: str = "trl"
+    # fast: the project's prefix-tree engine (training/tree_backend.py), exact to TRL and several times
+    # faster on agent data; trl: TRL's trainers (and multi-GPU through accelerate); openai: hosted.
+    backend: str = "fast"
     method: str = "dpo"
     base_model: str = "smollm2-135m-instruct"
     # DPO assumes its reference is an SFT'd model; unless the base is declared SFT'd, recipes run SFT
@@ -45,7 +47,9 @@ class TrainConfig:
     max_steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
-    max_length: int = 1024
+    # Whole agent calls fit (a system prompt with tool schemas is often 2k tokens): the engine computes the
+    # shared prefix once per batch, so long contexts cost little more than their histories and completions.
+    max_length: int = 4096
     # Rows longer than max_length: keep_start cuts the completion's end (TRL's default); keep_end drops
     # the oldest context instead (system prompt and tools first), which lets long agent calls train on
     # a CPU; evaluation then scores and generates with the same window. (TRL 1.16: SFT and DPO only.)
