@@ -294,6 +294,11 @@ class TreePhases:
     def load(self, config: Any, store_dir: Path) -> tuple[Any, Any]:
         from agent_dpo_adapters.hf_models import load_model, load_tokenizer
 
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise _error("the fast backend trains on one device; under `accelerate launch` with several "
+                         "processes use backend trl (every process would otherwise train the same run)")
         self.store_dir = Path(store_dir)
         device = _device(config)
         # fp32 on CPU (bf16 matmuls there are slow or inexact); bf16 weights on a GPU.
