@@ -123,3 +123,12 @@ def test_dpo_trains_on_a_keep_end_window(tmp_path, tiny_model_dir, smollm2_store
     result = get_backend("fast").train(job, lambda _: None)
     metrics = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["dpo"] and metrics[0]["loss"] > 0
+
+
+def test_refuses_to_run_once_per_process_under_a_multi_process_launcher(tmp_path, monkeypatch):
+    from agent_dpo.errors import AgentDpoError
+    from agent_dpo.training.tree_backend import TreePhases
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(AgentDpoError, match="backend trl"):
+        TreePhases().load(TrainConfig(), tmp_path)
