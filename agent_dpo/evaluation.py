@@ -17,6 +17,7 @@ A judge that labelled the data would grade its own homework, so one whose name m
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ def check_judge_allowed(judge: Judge, meta: dict) -> None:
 
 
 def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge | None, store_dir: Path,
-             settings: EvalSettings = EvalSettings(), meta: dict | None = None) -> dict[str, Any]:
-    """The report for `candidate` vs `baseline` on held-out trl-dpo rows (see the module docstring)."""
+             settings: EvalSettings = EvalSettings(), meta: dict | None = None,
+             answers_file: Path | None = None) -> dict[str, Any]:
+    """The report for `candidate` vs `baseline` on held-out trl-dpo rows (see the module docstring).
+    With `answers_file`, every judged prompt's two answers and the judge's outcome go there as JSON lines,
+    so a reader can see what the win rate is made of."""
     import torch
 
     if judge is not None:
@@ -118,7 +122,10 @@ def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge
         report.update(win_report(outcomes, settings.seed))
         report["judge"] = judge.name
     else:
+        outcomes = [None] * len(prompts)
         report.update({"win_rate": None, "win_rate_ci": None, "judge": None})
+    if answers_file is not None:
+        write_answers(Path(answers_file), prompts, cand_answers, base_answers, outcomes)
     report["seed"] = settings.seed
     report["beta"] = settings.beta
     report["wall_s"] = round(time.monotonic() - started, 2)
@@ -219,6 +226,18 @@ def judge_outcomes(judge: Judge, prompts: list[dict], cand: list[dict], base: li
         against = (first == "b") + (second == "a")
         outcomes.append(1.0 if points == 2 else 0.0 if against == 2 else 0.5)
     return outcomes
+
+
+def write_answers(path: Path, prompts: list[dict], cand: list[dict], base: list[dict],
+                  outcomes: list[float | None]) -> None:
+    """One JSON line per judged prompt: its last user turn, both answers, the outcome for the candidate
+    (1 win, 0.5 tie, 0 loss)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for p, c, b, outcome in zip(prompts, cand, base, outcomes):
+            last_user = next((m.get("content") for m in reversed(p["prompt"]) if m.get("role") == "user"), None)
+            out.write(json.dumps({"last_user": last_user, "candidate": c, "baseline": b,
+                                  "outcome": outcome}, ensure_ascii=False) + "\n")
 
 
 def win_report(outcomes: list[float], seed: int) -> dict[str, Any]:

@@ -105,6 +105,12 @@ def test_eval_cli_prints_the_report_as_json(trained):
     assert REPORT_KEYS <= set(report)
     assert (report["version"], report["baseline"], report["judge"]) == ("v1", "v1:sft", "rubric")
     assert json.loads((store / "runs" / "acme" / "salon" / "v1" / "eval.json").read_text()) == report
+    # what the win rate is made of: both answers per judged prompt, with the outcome
+    answers = [json.loads(line) for line in
+               (store / "runs" / "acme" / "salon" / "v1" / "eval.answers.jsonl").read_text().splitlines()]
+    assert len(answers) == report["n_prompts"]
+    assert sum(a["outcome"] for a in answers) / len(answers) == pytest.approx(report["win_rate"], abs=1e-4)
+    assert all(a["candidate"]["role"] == a["baseline"]["role"] == "assistant" for a in answers)
 
 
 def test_judge_that_labelled_the_data_is_refused(trained, tiny_model_dir):

@@ -70,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
     rows = [r for r in read_rows(data) if "chosen" in r and "rejected" in r]
     if not rows:
         raise AgentDpoError(f"{data} holds no trl-dpo pairs to evaluate on")
-    report = evaluate(rows, candidate, baseline, judge, store, settings, meta)
-    report["data"] = str(data)
     out = Path(args.out) if args.out else (version["run_dir"] / "eval.json" if version.get("run_dir") else None)
+    answers = out.with_name(out.stem + ".answers.jsonl") if out else None
+    report = evaluate(rows, candidate, baseline, judge, store, settings, meta, answers_file=answers)
+    report["data"] = str(data)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -364,8 +364,11 @@ class TreePhases:
 
         # Every reference log-prob up front, in full batches: the cache then answers each step for free,
         # and under full fine-tuning the model is still the reference at this point.
-        reference_logps(model, [ex for m in micro for ex in (m[0] if isinstance(m, tuple) else m)], cache,
-                        batch_size=max(config.batch_size, 2))
+        from tqdm.auto import tqdm
+
+        needed = [ex for m in micro for ex in (m[0] if isinstance(m, tuple) else m)]
+        with tqdm(desc="reference", unit="example", dynamic_ncols=True) as bar:
+            reference_logps(model, needed, cache, batch_size=max(config.batch_size, 2), on_batch=bar.update)
         with _progress(config.method, metrics, config.max_steps) as on_step:
             train_loop(model, micro, loss_fn, settings, on_step)
         _save(model, out_dir, config)
