@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from agent_dpo.errors import AgentDpoError
 
@@ -60,7 +61,7 @@ class EmbeddedNats:
         if not self.port:
             self.port = free_port()
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file or self.store_dir / "nats-server.log", "ab")
+        log = open(self.log_file or self.store_dir / "nats-server.log", "ab")  # noqa: SIM115  (the child owns it)
         self.process = subprocess.Popen(
             [nats_server_binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port),
              *self.extra_args],
@@ -94,7 +95,7 @@ class EmbeddedNats:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> EmbeddedNats:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -9,10 +9,10 @@ import re
 from typing import Any, Literal
 
 import openai
-from agent_dpo_adapters.openai_finetune import OpenAISettings, make_client
 
 from agent_dpo.errors import AgentDpoError
 from agent_dpo.logs import get_logger
+from agent_dpo_adapters.openai_finetune import OpenAISettings, make_client
 
 Verdict = Literal["a", "b", "tie"]
 

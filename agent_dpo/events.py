@@ -180,7 +180,7 @@ class Envelope(BaseModel):
         if not _RFC3339.match(value):
             raise ValueError("not an RFC 3339 date-time with a zone")
         try:
-            datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+            datetime.fromisoformat(value.replace("z", "Z"))
         except ValueError as exc:
             raise ValueError(f"not a valid date-time: {exc}") from None
         return value

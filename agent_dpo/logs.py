@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-_SECRET_KEY = re.compile(r"(token|password|passwd|secret|api[_-]?key|authorization|seed|credential)", re.I)
+_SECRET_KEY = re.compile(r"(token|password|passwd|secret|api[_-]?key|authorization|seed|credential)", re.IGNORECASE)
 REDACTED = "[REDACTED]"
 
 

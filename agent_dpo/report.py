@@ -299,8 +299,8 @@ def _fmt(value: Any) -> str:
 
 
 def _html(report: RunReport, figures: list[tuple[str, str, str]]) -> str:
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>"
-             f"<style>{_CSS}</style></head><body>",
+    parts = [(f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>"
+              f"<style>{_CSS}</style></head><body>"),
              f"<h1>{html.escape(report.title)}</h1>",
              f"<p class='caption'>Started {html.escape(report.started_at)}; wall time {report.wall_s:.0f} s.</p>"]
     if report.summary:

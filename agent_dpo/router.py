@@ -164,6 +164,7 @@ class Router:
         """Own NATS connection, re-reading every rollout document after each reconnect."""
         import nats
         import nats.errors
+
         from agent_dpo_adapters.nats_registry import NatsRegistry
 
         router: Router | None = None

@@ -34,11 +34,10 @@ import argparse
 import json
 from pathlib import Path
 
-from agent_dpo_adapters.openai_finetune import OpenAIBackend
-
 from agent_dpo.logs import configure_logging
 from agent_dpo.training.backend import TrainJob
 from agent_dpo.training.config import TrainConfig
+from agent_dpo_adapters.openai_finetune import OpenAIBackend
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import os
 import uuid
 
 import nats
+
 from agent_dpo_adapters.nats_publisher import EventPublisher
 
 BOOK_SLOT = {"type": "function", "function": {

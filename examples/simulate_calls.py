@@ -15,10 +15,10 @@ import sys
 import time
 
 import nats
-from agent_dpo_adapters.nats_publisher import EventPublisher
 
 from agent_dpo.world.agents import AGENTS, example_agent
 from agent_dpo.world.simulator import publish_world
+from agent_dpo_adapters.nats_publisher import EventPublisher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,9 +51,8 @@ async def run(args: argparse.Namespace) -> int:
     try:
         js = nc.jetstream()
         if args.init_bus:
-            from agent_dpo_adapters.nats_bus import ensure_bus
-
             from agent_dpo.config import BusConfig
+            from agent_dpo_adapters.nats_bus import ensure_bus
 
             await ensure_bus(js, BusConfig())
         started = time.perf_counter()

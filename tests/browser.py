@@ -40,7 +40,7 @@ def render(page: Path, screenshot: Path, width: int = 1200, height: int = 3000) 
         proc = subprocess.run(
             [binary, *_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
              f"--screenshot={screenshot}", page.resolve().as_uri()],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True, text=True, timeout=120, check=False)
     console = [m.group(1) for m in _CONSOLE.finditer(proc.stderr)]
     assert screenshot.exists(), f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
     return Rendering(screenshot, console)

@@ -9,12 +9,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agent_dpo_adapters.nats_bus import Ingestor, connect, ensure_bus
-from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore, is_transient
-
 from agent_dpo.benchmarks.ingest import synthetic_call
 from agent_dpo.config import BusConfig
 from agent_dpo.events import build_envelope, subject_for
+from agent_dpo_adapters.nats_bus import Ingestor, connect, ensure_bus
+from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore, is_transient
 
 TENANT, AGENT = "acme", "salon-rebook"
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py and are requested by name)
 """The canary: eval gates keep bad versions out; on a real nats-server, calls routed by the router
 produce outcomes per arm, and the controller walks a good version 5% -> 25% -> 50% -> 100% to
 champion, rolls a worse-CSAT version back on its own, publishes every decision, and a restarted
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import nats
 import pytest
-from agent_dpo_adapters.nats_registry import NatsRegistry
 
 from agent_dpo.canary import (
     ArmOutcome,
@@ -27,6 +27,7 @@ from agent_dpo.canary import (
 )
 from agent_dpo.registry import new_doc, promote, start_canary
 from agent_dpo.router import Router
+from agent_dpo_adapters.nats_registry import NatsRegistry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_fixtures import manifest
@@ -240,14 +241,14 @@ async def test_a_restarted_controller_resumes_at_the_kv_step(registry, nats_url)
 @pytest.mark.slow
 async def test_a_trained_version_reaches_champion_and_a_worse_one_is_rolled_back(
         registry, nc, nats_url, tiny_model_dir, smollm2_store, tmp_path):
-    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
-    from agent_dpo_adapters.local_serving import LocalPeftBackend
-    from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
     from test_serving import make_adapter
     from test_training import pair_rows, tiny_job
 
     from agent_dpo.registry import manifest_for
     from agent_dpo.training.backend import get_backend
+    from agent_dpo_adapters.hf_models import load_model, load_tokenizer
+    from agent_dpo_adapters.local_serving import LocalPeftBackend
+    from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
 
     js = nc.jetstream()
     job = tiny_job(tmp_path, tiny_model_dir, smollm2_store, pair_rows(), sft_steps=1, max_steps=2)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import structlog
-from agent_dpo_adapters.nats_server import port_open
 
 from agent_dpo.cli import main
+from agent_dpo_adapters.nats_server import port_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_fixtures import count_events

@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from agent_dpo_adapters.nats_bus import connect
-from agent_dpo_adapters.nats_server import EmbeddedNats
 
 from agent_dpo.config import BusConfig, NatsAuth, load_settings
 from agent_dpo.errors import AgentDpoError
+from agent_dpo_adapters.nats_bus import connect
+from agent_dpo_adapters.nats_server import EmbeddedNats
 
 
 def test_defaults_are_valid_and_follow_the_contract():

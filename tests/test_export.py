@@ -233,10 +233,10 @@ def test_balance_drops_the_tail_on_the_heavy_side():
 
 
 def test_trl_files_load_with_datasets_and_render_with_the_tool_template(store, tmp_path, smollm2_store):  # noqa: F811
-    from agent_dpo_adapters.hf_models import load_tokenizer
     from datasets import load_dataset
 
     from agent_dpo.chat_template import render
+    from agent_dpo_adapters.hf_models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct", smollm2_store)
     dpo = export_dataset(store, TENANT, AGENT, "trl-dpo", tmp_path / "d.jsonl", split="all")

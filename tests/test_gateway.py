@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py and are requested by name)
 """The local OpenAI-compatible gateway, driven by the real `openai` SDK: `model` is tenant/agent, the
 X-Call-Id header pins a version for the call's whole life across a promote, answers come back in
 OpenAI shape with tool_calls (also streamed), bad requests get OpenAI-shaped errors, and a real
@@ -14,13 +15,13 @@ import pytest
 from openai import AsyncOpenAI, BadRequestError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from agent_dpo_adapters.gateway import start_gateway
-from agent_dpo_adapters.nats_registry import NatsRegistry
 from serving_fixtures import EchoBackend, manifest
 from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
 from agent_dpo.registry import ArtifactRef, promote
 from agent_dpo.router import Router
+from agent_dpo_adapters.gateway import start_gateway
+from agent_dpo_adapters.nats_registry import NatsRegistry
 
 TOOLS = [{"type": "function", "function": {"name": "book_slot", "parameters": {"type": "object"}}}]
 HELLO = [{"role": "user", "content": "Can I come Tuesday?"}]
@@ -124,10 +125,11 @@ async def test_gateway_releases_idle_calls(registry):
 
 @pytest.mark.slow
 async def test_a_real_tiny_model_serves_through_the_gateway(registry, nats_url, tiny_model_dir, tmp_path):
+    from test_serving import make_adapter
+
     from agent_dpo_adapters.hf_models import load_model, load_tokenizer
     from agent_dpo_adapters.local_serving import LocalPeftBackend
     from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
-    from test_serving import make_adapter
 
     nc = await nats.connect(nats_url)
     adapter = make_adapter(tiny_model_dir, tmp_path / "v1", seed=1)

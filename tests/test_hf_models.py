@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from agent_dpo_adapters import hf_models
 from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
 
 from agent_dpo.errors import AgentDpoError
+from agent_dpo_adapters import hf_models
 
 
 @pytest.mark.slow

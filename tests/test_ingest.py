@@ -17,12 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from agent_dpo_adapters.nats_bus import connect
-from agent_dpo_adapters.nats_server import EmbeddedNats
-from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
 from agent_dpo.events import MAX_PAYLOAD_BYTES, subject_for
 from agent_dpo.ingest import CODE_HEADER, REASON_HEADER, SEQ_HEADER, SUBJECT_HEADER
+from agent_dpo_adapters.nats_bus import connect
+from agent_dpo_adapters.nats_server import EmbeddedNats
+from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_fixtures import (

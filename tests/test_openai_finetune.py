@@ -14,12 +14,12 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).parent))  # the loopback helper sits beside this file
 
-from agent_dpo_adapters.openai_finetune import OpenAIBackend, OpenAISettings, cancel
 from openai_loopback import JobPlan, LoopbackOpenAI
 
 from agent_dpo.errors import AgentDpoError
 from agent_dpo.training.backend import TrainJob, TrainResult, get_backend
 from agent_dpo.training.config import TrainConfig
+from agent_dpo_adapters.openai_finetune import OpenAIBackend, OpenAISettings, cancel
 
 TOOLS = [{"type": "function", "function": {
     "name": "book_slot", "description": "Book a slot",

@@ -12,10 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the loopback helper sits beside this file
 
-from agent_dpo_adapters.openai_judge import OpenAIJudge, parse_verdict
 from openai_loopback import LoopbackOpenAI
 
 from agent_dpo.errors import AgentDpoError
+from agent_dpo_adapters.openai_judge import OpenAIJudge, parse_verdict
 
 TOOLS = [{"type": "function", "function": {"name": "book_slot", "description": "Book a slot",
                                            "parameters": {"type": "object",

@@ -9,13 +9,6 @@ import json
 
 import nats
 import pytest
-from agent_dpo_adapters.nats_artifacts import (
-    ArtifactDigestMismatch,
-    artifact_digest,
-    get_artifact,
-    put_artifact,
-)
-from agent_dpo_adapters.nats_registry import REGISTRY_HISTORY, NatsRegistry
 
 from agent_dpo.registry import (
     RegistryError,
@@ -25,6 +18,13 @@ from agent_dpo.registry import (
     rollback,
     start_canary,
 )
+from agent_dpo_adapters.nats_artifacts import (
+    ArtifactDigestMismatch,
+    artifact_digest,
+    get_artifact,
+    put_artifact,
+)
+from agent_dpo_adapters.nats_registry import REGISTRY_HISTORY, NatsRegistry
 
 
 def manifest(version: str, tenant: str = "acme", agent: str = "rebook", **kw) -> VersionManifest:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import nats
 import pytest
-from agent_dpo_adapters.nats_registry import NatsRegistry
 
 from agent_dpo.registry import ModelRef, advance_canary, call_bucket, promote, rollback, start_canary
 from agent_dpo.router import Router, stamp_call_started
+from agent_dpo_adapters.nats_registry import NatsRegistry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_fixtures import EchoBackend, manifest

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures come from tests/tiny_model.py and are requested by name)
 """Serving backends behind the router: a real tiny transformers model with PEFT adapters fetched
 from the NATS object store (digest-checked; a tampered one is never served), vLLM's runtime LoRA
 endpoints on a loopback server (one immutable name per version, unloaded when nothing holds it),
@@ -13,9 +14,6 @@ import nats
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
-from agent_dpo_adapters.nats_registry import NatsRegistry
-from agent_dpo_adapters.vllm_serving import VllmBackend
 from openai_loopback import LoopbackOpenAI
 from serving_fixtures import manifest
 from tiny_model import smollm2_store, tiny_model_dir  # noqa: F401  (pytest fixtures)
@@ -23,6 +21,9 @@ from vllm_loopback import VllmLoopback
 
 from agent_dpo.registry import ArtifactRef, ModelRef, promote, rollback, start_canary
 from agent_dpo.router import Router
+from agent_dpo_adapters.nats_artifacts import get_artifact, put_artifact
+from agent_dpo_adapters.nats_registry import NatsRegistry
+from agent_dpo_adapters.vllm_serving import VllmBackend
 
 TOOLS = [{"type": "function", "function": {"name": "book_slot", "parameters": {"type": "object"}}}]
 HELLO = [{"role": "system", "content": "You book salon slots."}, {"role": "user", "content": "Tuesday?"}]
@@ -189,10 +190,10 @@ async def test_vllm_backend_uses_one_immutable_lora_name_per_version(registry, a
 
 
 async def test_openai_backend_serves_ft_ids_and_loads_nothing():
-    from agent_dpo_adapters.openai_serving import OpenAIBackend
     from openai import AsyncOpenAI
 
     from agent_dpo.errors import AgentDpoError
+    from agent_dpo_adapters.openai_serving import OpenAIBackend
 
     with LoopbackOpenAI() as api:
         api.chat_replies.append("Tuesday 2pm is free.")

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore, is_transient
 
 from agent_dpo.calls import StoredEvent
 from agent_dpo.events import Event, parse_event, subject_for
 from agent_dpo.store import DeadLetter
+from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore, is_transient
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_fixtures import call_envelopes, encode, envelope

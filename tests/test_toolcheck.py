@@ -204,9 +204,8 @@ def _event(seq: int, etype: str, data: dict, call_id: str = "call-1") -> StoredE
 
 
 def test_tools_stats_reads_a_real_store(tmp_path, capsys):
-    from agent_dpo_adapters.sqlite_store import SqliteStore
-
     from agent_dpo.cli import main
+    from agent_dpo_adapters.sqlite_store import SqliteStore
 
     started = {"system_prompt": "You rebook salon appointments.", "tools": SALON,
                "model": {"name": "smollm2", "version": "v1"}, "channel": "voice"}

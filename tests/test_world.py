@@ -238,9 +238,8 @@ def test_live_prompts_end_where_the_model_must_answer_and_feedback_follows_the_a
 
 
 async def _publish_and_count(url: str, n: int) -> tuple[Counter, int]:
-    from agent_dpo_adapters.nats_bus import ensure_bus
-
     from agent_dpo.config import BusConfig
+    from agent_dpo_adapters.nats_bus import ensure_bus
 
     nc = await nats.connect(url)
     try:

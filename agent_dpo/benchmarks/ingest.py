@@ -125,10 +125,9 @@ async def agent_dpo_consume(nc, store_path: Path, bus, n: int) -> float:
 
 
 async def bench(n: int, rounds: int, batch: int) -> tuple[float, float]:
+    from agent_dpo.config import BusConfig
     from agent_dpo_adapters.nats_bus import connect, ensure_bus
     from agent_dpo_adapters.nats_server import EmbeddedNats
-
-    from agent_dpo.config import BusConfig
 
     envelopes = synthetic_envelopes(n)
     with tempfile.TemporaryDirectory(prefix="agent-dpo-bench-") as tmp, \

@@ -67,11 +67,10 @@ def fill_store(store, n_calls: int, seed: int, batch: int = 5000) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent_dpo_adapters.sqlite_store import SqliteStore
-
     from agent_dpo.export import export_calls
     from agent_dpo.pairing import build_examples
     from agent_dpo.world.agents import AGENTS
+    from agent_dpo_adapters.sqlite_store import SqliteStore
 
     agent = AGENTS["salon-rebook"]
     tenant, agent_id = agent.tenant_id, agent.agent_id

@@ -47,7 +47,6 @@ def pct(samples: list[float], q: float) -> float:
 
 async def _bench(args: argparse.Namespace, url: str) -> int:
     import nats
-    from agent_dpo_adapters.nats_registry import NatsRegistry
 
     from agent_dpo.registry import (
         VersionManifest,
@@ -58,6 +57,7 @@ async def _bench(args: argparse.Namespace, url: str) -> int:
         start_canary,
     )
     from agent_dpo.router import Router
+    from agent_dpo_adapters.nats_registry import NatsRegistry
 
     t, a = "bench", "swap-agent"
     nc = await nats.connect(url)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except Exception as exc:  # an unexpected failure: one line for the operator, the trace in the log
+    except Exception as exc:  # noqa: BLE001  an unexpected failure: one line for the operator, the trace in the log
         from agent_dpo.logs import get_logger
 
         get_logger(verb=args.verb).debug("unexpected_error", exc_info=True)  # --log-level debug shows it

@@ -55,9 +55,9 @@ async def ensure_other_resources(js) -> dict[str, str]:
 def run_init(args: argparse.Namespace) -> int:
     import nats.errors
     import nats.js.errors
-    from agent_dpo_adapters.nats_bus import connect, ensure_bus
 
     from agent_dpo.errors import AgentDpoError
+    from agent_dpo_adapters.nats_bus import connect, ensure_bus
 
     conf = settings(args, duplicate_window_s=args.duplicate_window)
     url = nats_url(args)

@@ -8,8 +8,6 @@ import os
 import re
 from pathlib import Path
 
-from agent_dpo.errors import UsageError
-
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_STORE_DIR = Path(".agent-dpo")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

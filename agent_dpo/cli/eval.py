@@ -185,9 +185,8 @@ def _read_meta(data: Path) -> dict:
 
 def _export_test_split(store: Path, tenant: str, agent: str, version: dict[str, Any]) -> Path:
     try:
-        from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
-
         from agent_dpo.export import export_dataset
+        from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
     except ModuleNotFoundError as exc:
         raise AgentDpoError(f"exporting the held-out split needs {exc.name}; pass --data FILE") from None
     db = store / STORE_FILE if store.suffix == "" or store.is_dir() else store

@@ -58,10 +58,9 @@ def _fraction(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
-
     from agent_dpo.export import export_dataset
     from agent_dpo.pairing import PairingConfig
+    from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
     tenant, agent = args.agent
     if args.include_pairs and args.fmt != "trl-kto":

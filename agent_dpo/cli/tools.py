@@ -53,9 +53,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
-
     from agent_dpo.toolcheck import store_tool_stats
+    from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
 
     path = store_dir(args)
     if not (path / STORE_FILE).exists():

@@ -145,9 +145,8 @@ def read_meta(data: Path) -> dict:
 
 def _export(store: Path, tenant: str, agent: str, fmt: str, out: Path) -> Path:
     try:
-        from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
-
         from agent_dpo.export import export_dataset
+        from agent_dpo_adapters.sqlite_store import STORE_FILE, SqliteStore
     except ModuleNotFoundError as exc:
         raise AgentDpoError(f"exporting training data needs {exc.name}, which is not in this install; "
                             f"pass --data FILE") from None

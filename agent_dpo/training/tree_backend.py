@@ -292,9 +292,9 @@ class TreePhases:
         self.store_dir: Path | None = None
 
     def load(self, config: Any, store_dir: Path) -> tuple[Any, Any]:
-        from agent_dpo_adapters.hf_models import load_model, load_tokenizer
-
         import os
+
+        from agent_dpo_adapters.hf_models import load_model, load_tokenizer
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise _error("the fast backend trains on one device; under `accelerate launch` with several "
