@@ -132,3 +132,18 @@ def test_refuses_to_run_once_per_process_under_a_multi_process_launcher(tmp_path
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(AgentDpoError, match="backend trl"):
         TreePhases().load(TrainConfig(), tmp_path)
+
+
+def test_full_fine_tune_saves_the_model_and_moves_the_weights(tmp_path, tiny_model_dir, smollm2_store):
+    from safetensors.torch import load_file
+
+    job = _job(tmp_path, tiny_model_dir, smollm2_store, pair_rows(4), "full", lora=False, base_is_sft=True,
+               max_steps=1, learning_rate=1e-3)
+    result = get_backend("fast").train(job, lambda _: None)
+    names = {p.name for p in result.artifact_dir.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names and "adapter_config.json" not in names
+    assert "quantization_config" not in json.loads((result.artifact_dir / "config.json").read_text())
+    trained = load_file(str(result.artifact_dir / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    moved = [k for k in base if k in trained and not torch.equal(base[k], trained[k])]
+    assert moved, "a full fine-tune step changed no weight"
