@@ -157,7 +157,7 @@ def load_policy(policy: Policy, store_dir: Path, device: str = "cpu") -> Any:
 
 
 def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str,
-                   max_length: int | None = None, batch_size: int = 8) -> list[tuple[float, float]]:
+                   max_length: int | None = None, batch_size: int = 16) -> list[tuple[float, float]]:
     """(log p(chosen | prompt), log p(rejected | prompt)) per pair, summed over completion tokens, scored
     on the prefix-tree engine as training scores them (the agent's shared system prompt and tools run once
     per batch); with max_length, on the same keep_end window per pair the fast backend trains on."""

@@ -105,6 +105,8 @@ def sft_examples(examples: Sequence[TreeExample]) -> list[TreeExample]:
 
 # --- reference log-probs -------------------------------------------------------------------------------
 
+REFERENCE_BATCH = 16  # examples per no-grad reference pass (one shared-prefix computation each)
+
 
 def reference_context(model: Any):
     """The reference is the model with its LoRA adapter switched off; a plain model is its own reference
@@ -368,7 +370,9 @@ class TreePhases:
 
         needed = [ex for m in micro for ex in (m[0] if isinstance(m, tuple) else m)]
         with tqdm(desc="reference", unit="example", dynamic_ncols=True) as bar:
-            reference_logps(model, needed, cache, batch_size=max(config.batch_size, 2), on_batch=bar.update)
+            # No gradient here, so batches can be wider than training's: the shared prefix runs once per 16.
+            reference_logps(model, needed, cache, batch_size=max(config.batch_size, REFERENCE_BATCH),
+                            on_batch=bar.update)
         with _progress(config.method, metrics, config.max_steps) as on_step:
             train_loop(model, micro, loss_fn, settings, on_step)
         _save(model, out_dir, config)
