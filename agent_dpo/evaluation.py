@@ -106,8 +106,8 @@ def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge
     preference_accuracy = sum(r > 0 for r in rewards) / len(rewards)
     log.info("preference_scored", pairs=len(pairs), accuracy=round(preference_accuracy, 4))
 
-    cand_answers = generate_answers(cand_model, tokenizer, prompts, settings, device)
-    base_answers = generate_answers(base_model, tokenizer, prompts, settings, device)
+    cand_answers = generate_answers(cand_model, tokenizer, prompts, settings, device, f"answers {candidate.label}")
+    base_answers = generate_answers(base_model, tokenizer, prompts, settings, device, f"answers {baseline.label}")
     report: dict[str, Any] = {
         "version": candidate.label,
         "baseline": baseline.label,
@@ -178,9 +178,10 @@ def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str,
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: EvalSettings,
-                     device: str) -> list[dict]:
-    """Greedy answers, parsed back to assistant Messages, in batches (left padding)."""
+                     device: str, label: str = "answers") -> list[dict]:
+    """Greedy answers, parsed back to assistant Messages, in batches (left padding), with a progress bar."""
     import torch
+    from tqdm.auto import tqdm
 
     from agent_dpo.chat_template import parse_assistant_output
     from agent_dpo.training.recipes import template_messages
@@ -188,6 +189,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
     answers = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    bar = tqdm(total=len(prompts), desc=label, unit="prompt", dynamic_ncols=True)
     try:
         for i in range(0, len(prompts), settings.batch_size):
             chunk = prompts[i:i + settings.batch_size]
@@ -206,7 +208,9 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
                                            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
             for row in generated[:, batch["input_ids"].shape[1]:]:
                 answers.append(parse_assistant_output(tokenizer.decode(row, skip_special_tokens=False)))
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = side
     return answers
 
