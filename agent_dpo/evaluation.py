@@ -200,7 +200,9 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
                                                     add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"]
                 encoded.append({"input_ids": list(ids)[-window:] if window else list(ids)})
-            batch = tokenizer.pad(encoded, return_tensors="pt").to(device)
+            batch = _shared_prefix_batch(model, [e["input_ids"] for e in encoded], tokenizer.pad_token_id, device)
+            if batch is None:
+                batch = tokenizer.pad(encoded, return_tensors="pt").to(device)
             torch.manual_seed(settings.seed)
             with torch.no_grad():
                 generated = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
@@ -213,6 +215,43 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
         bar.close()
         tokenizer.padding_side = side
     return answers
+
+
+SHARED_PREFIX_MIN = 64  # tokens a batch's prompts must share before one prefix pass pays off
+
+
+def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device: str) -> dict | None:
+    """Generation inputs whose shared prefix (an agent's system prompt and tools) is computed once: its
+    keys/values go in as the cache for every row, each row's own tokens follow after padding in the
+    middle (masked; positions come from the mask, so each row sees the positions it has alone). None when
+    the prompts share too little for this to pay off."""
+    import torch
+    from transformers import DynamicCache
+
+    from agent_dpo.training.prefix_tree import common_prefix
+
+    p = min(common_prefix(rows), min(len(r) for r in rows) - 1)
+    if p < SHARED_PREFIX_MIN or len(rows) < 2:
+        return None
+    one = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, **_cache_kwarg(model, one))
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(one.layers):
+        cache.update(layer.keys.expand(len(rows), -1, -1, -1).contiguous(),
+                     layer.values.expand(len(rows), -1, -1, -1).contiguous(), i)
+    width = max(len(r) - p for r in rows)
+    ids = [r[:p] + [pad_id] * (width - (len(r) - p)) + r[p:] for r in rows]
+    mask = [[1] * p + [0] * (width - (len(r) - p)) + [1] * (len(r) - p) for r in rows]
+    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
+            **_cache_kwarg(model, cache)}
+
+
+def _cache_kwarg(model: Any, cache: Any) -> dict:
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 # ------------------------------------------------------------------------------------------------

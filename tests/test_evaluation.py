@@ -154,3 +154,40 @@ def test_tool_call_validity_counts_schema_passes():
     report = tool_call_report(prompts, [good, bad], [words, words])
     assert report["tool_call_validity"] == pytest.approx(1 / 3, abs=1e-3) and report["tool_calls"] == 3
     assert report["baseline_tool_call_validity"] is None and report["baseline_tool_calls"] == 0
+
+
+def test_shared_prefix_generation_gives_the_same_answers(trained, tiny_model_dir, monkeypatch):
+    """Generation computes the agent's shared system prompt and tools once per batch; the answers are
+    exactly those of a plain left-padded batch."""
+    import torch
+
+    from agent_dpo import evaluation
+    from agent_dpo_adapters.hf_models import SMOLLM2, load_tokenizer
+
+    result, store, held_out = trained
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    tokenizer = load_tokenizer(SMOLLM2, store)
+    model = evaluation.load_policy(Policy("v1", str(tiny_model_dir), Path(result["artifact_dir"])), store)
+    settings = EvalSettings(max_new_tokens=12, batch_size=3)
+    # histories of different lengths, so rows carry padding between the shared prefix and their own tokens
+    rows[0] = {**rows[0], "prompt": rows[0]["prompt"] + [
+        {"role": "assistant", "content": "Which service would you like, and at which branch?"},
+        {"role": "user", "content": "A cut and a colour at the high street branch, in the afternoon please."}]}
+    monkeypatch.setattr(evaluation, "SHARED_PREFIX_MIN", 8)
+    encoded = [list(tokenizer.apply_chat_template(r["prompt"], tools=r["tools"], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]) for r in rows]
+    batch = evaluation._shared_prefix_batch(model, encoded, tokenizer.pad_token_id, "cpu")
+    assert batch is not None and (batch["attention_mask"] == 0).any(), [len(e) for e in encoded]
+    cache_key = next(k for k in batch if k not in ("input_ids", "attention_mask"))
+    cache, mask = batch[cache_key], batch["attention_mask"]
+    p = cache.get_seq_length()
+    with torch.no_grad():  # what generate's first step runs: the uncached tokens, positions from the mask
+        next_logits = model(input_ids=batch["input_ids"][:, p:], attention_mask=mask, **{cache_key: cache},
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:]).logits[:, -1]
+        for i, ids in enumerate(encoded):  # each row alone, no padding, no shared cache
+            alone = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            assert torch.allclose(next_logits[i], alone, atol=1e-4), i
+    shared = evaluation.generate_answers(model, tokenizer, rows, settings, "cpu")
+    monkeypatch.setattr(evaluation, "SHARED_PREFIX_MIN", 10**9)
+    plain = evaluation.generate_answers(model, tokenizer, rows, settings, "cpu")
+    assert shared == plain
