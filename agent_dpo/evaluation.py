@@ -228,14 +228,14 @@ def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device:
     import torch
     from transformers import DynamicCache
 
-    from agent_dpo.training.prefix_tree import common_prefix
+    from agent_dpo.training.prefix_tree import cache_kwargs, common_prefix
 
     p = min(common_prefix(rows), min(len(r) for r in rows) - 1)
     if p < SHARED_PREFIX_MIN or len(rows) < 2:
         return None
     one = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, **_cache_kwarg(model, one))
+        model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, **cache_kwargs(model, one))
     cache = DynamicCache(config=model.config)
     for i, layer in enumerate(one.layers):
         cache.update(layer.keys.expand(len(rows), -1, -1, -1).contiguous(),
@@ -244,14 +244,7 @@ def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device:
     ids = [r[:p] + [pad_id] * (width - (len(r) - p)) + r[p:] for r in rows]
     mask = [[1] * p + [0] * (width - (len(r) - p)) + [1] * (len(r) - p) for r in rows]
     return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
-            **_cache_kwarg(model, cache)}
-
-
-def _cache_kwarg(model: Any, cache: Any) -> dict:
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+            **cache_kwargs(model, cache)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,11 +174,12 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _decoder_kwargs(decoder: Any, cache: Any) -> dict:
-    # transformers renamed `past_key_values` to `cache`; accept both so a minor upgrade does not break us.
+def cache_kwargs(module: Any, cache: Any) -> dict:
+    """The keyword a model's forward takes its KV cache by: transformers renamed `past_key_values` to
+    `cache`; accept both so a minor upgrade does not break us."""
     import inspect
 
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
     return {name: cache}
 
 
@@ -195,7 +196,7 @@ def tree_hidden(model: Any, tree: TreeBatch) -> torch.Tensor:
     if p > 0:
         prefix = DynamicCache(config=decoder.config)
         decoder(input_ids=tree.prefix_ids.to(device), position_ids=torch.arange(p, device=device).unsqueeze(0),
-                use_cache=True, **_decoder_kwargs(decoder, prefix))
+                use_cache=True, **cache_kwargs(decoder, prefix))
     outs = []
     for rows in tree.groups:
         index = torch.tensor(rows)
@@ -213,7 +214,7 @@ def tree_hidden(model: Any, tree: TreeBatch) -> torch.Tensor:
         out = decoder(input_ids=tree.row_ids[index, :width].to(device),
                       position_ids=tree.row_positions[index, :width].clamp(min=0).to(device),
                       attention_mask=mask.to(device), use_cache=cache is not None,
-                      **_decoder_kwargs(decoder, cache)).last_hidden_state
+                      **cache_kwargs(decoder, cache)).last_hidden_state
         outs.append(torch.nn.functional.pad(out, (0, 0, 0, t - width)))
     order = torch.tensor([r for rows in tree.groups for r in rows])
     hidden = torch.cat(outs, dim=0)
