@@ -99,8 +99,8 @@ def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge
     cand_model = load_policy(candidate, store_dir, device)
     base_model = load_policy(baseline, store_dir, device)
 
-    cand_margins = sequence_logps(cand_model, tokenizer, pairs, device, settings.max_length)
-    base_margins = sequence_logps(base_model, tokenizer, pairs, device, settings.max_length)
+    cand_margins = sequence_logps(cand_model, tokenizer, pairs, settings.max_length)
+    base_margins = sequence_logps(base_model, tokenizer, pairs, settings.max_length)
     rewards = [settings.beta * ((c_ch - b_ch) - (c_rj - b_rj))
                for (c_ch, c_rj), (b_ch, b_rj) in zip(cand_margins, base_margins)]
     preference_accuracy = sum(r > 0 for r in rewards) / len(rewards)
@@ -156,8 +156,8 @@ def load_policy(policy: Policy, store_dir: Path, device: str = "cpu") -> Any:
     return model.to(device).eval()
 
 
-def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], device: str,
-                   max_length: int | None = None, batch_size: int = 16) -> list[tuple[float, float]]:
+def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], max_length: int | None = None,
+                   batch_size: int = 16) -> list[tuple[float, float]]:
     """(log p(chosen | prompt), log p(rejected | prompt)) per pair, summed over completion tokens, scored
     on the prefix-tree engine as training scores them (the agent's shared system prompt and tools run once
     per batch); with max_length, on the same keep_end window per pair the fast backend trains on."""
@@ -228,7 +228,7 @@ def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device:
     import torch
     from transformers import DynamicCache
 
-    from agent_dpo.training.prefix_tree import cache_kwargs, common_prefix
+    from agent_dpo.training.prefix_tree import cache_kwargs, common_prefix, repeat_cache
 
     p = min(common_prefix(rows), min(len(r) for r in rows) - 1)
     if p < SHARED_PREFIX_MIN or len(rows) < 2:
@@ -236,10 +236,7 @@ def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device:
     one = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, **cache_kwargs(model, one))
-    cache = DynamicCache(config=model.config)
-    for i, layer in enumerate(one.layers):
-        cache.update(layer.keys.expand(len(rows), -1, -1, -1).contiguous(),
-                     layer.values.expand(len(rows), -1, -1, -1).contiguous(), i)
+    cache = repeat_cache(one, len(rows), model.config)
     width = max(len(r) - p for r in rows)
     ids = [r[:p] + [pad_id] * (width - (len(r) - p)) + r[p:] for r in rows]
     mask = [[1] * p + [0] * (width - (len(r) - p)) + [1] * (len(r) - p) for r in rows]

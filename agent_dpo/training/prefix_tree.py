@@ -183,6 +183,17 @@ def cache_kwargs(module: Any, cache: Any) -> dict:
     return {name: cache}
 
 
+def repeat_cache(prefix: Any, rows: int, config: Any) -> Any:
+    """A cache holding `prefix`'s keys/values once per row, as expanded views: the gradient of every row
+    flows back into the one prefix pass (training), and generation appends to it like any cache (eval)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(prefix.layers):
+        cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+    return cache
+
+
 def tree_hidden(model: Any, tree: TreeBatch) -> torch.Tensor:
     """Hidden states of level 1, (N, T, H); level 0's keys/values stay in the graph, so gradients reach them."""
     from transformers import DynamicCache
@@ -201,13 +212,8 @@ def tree_hidden(model: Any, tree: TreeBatch) -> torch.Tensor:
     for rows in tree.groups:
         index = torch.tensor(rows)
         width = int((tree.row_positions[index] >= 0).sum(dim=1).max())
-        cache = None
-        if prefix is not None:
-            # Every row of the group reads the same prefix keys/values; the copies are views' concatenation,
-            # so the gradient of all rows flows back into the one prefix pass.
-            cache = DynamicCache(config=decoder.config)
-            for i, layer in enumerate(prefix.layers):
-                cache.update(layer.keys.expand(len(rows), -1, -1, -1), layer.values.expand(len(rows), -1, -1, -1), i)
+        # Every row of the group reads the same prefix keys/values.
+        cache = repeat_cache(prefix, len(rows), decoder.config) if prefix is not None else None
         allowed = tree.row_mask[index][:, :, :width, : p + width]
         # An additive float mask works with every attention implementation (eager adds it, sdpa takes it).
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
