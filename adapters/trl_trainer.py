@@ -75,7 +75,7 @@ class TrlPhases:
             from trl import DPOConfig, DPOTrainer
 
             args = DPOConfig(**_common_args(config, out_dir, config.max_steps, config.learning_rate),
-                             beta=config.beta, loss_type=[config.loss_type],
+                             beta=config.beta, **_dpo_losses(config),
                              truncation_mode=config.truncation_mode)
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(rows),
                                  processing_class=tokenizer, peft_config=_lora(config))
@@ -118,7 +118,18 @@ def _common_args(config: TrainConfig, out_dir: Path, max_steps: int, learning_ra
     }
     if device == "cpu":
         args.update(use_cpu=True, bf16=False, fp16=False)  # TRL defaults to bf16; CPU trains in fp32
+    if config.precision == "bf16":
+        args.update(bf16=True, fp16=False)  # mixed precision, on a CPU too (autocast)
+    elif config.precision == "fp32":
+        args.update(bf16=False, fp16=False)
     return args
+
+
+def _dpo_losses(config: TrainConfig) -> dict:
+    """The DPO loss, plus TRL's "sft" loss on the chosen tokens when sft_weight (RPO) is set."""
+    if not config.sft_weight:
+        return {"loss_type": [config.loss_type]}
+    return {"loss_type": [config.loss_type, "sft"], "loss_weights": [1.0, config.sft_weight]}
 
 
 def _default_device() -> str:

@@ -169,6 +169,23 @@ def test_dpo_matches_trl(tiny, tmp_path, indices):
         assert ((grad - trl_grad).norm() / trl_grad.norm()).item() <= 1e-5, loss_type
         assert metrics["loss"] == pytest.approx(loss.item())
 
+    # RPO: TRL's "sft" loss beside sigmoid, weighted, is the engine's sft_weight.
+    trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, 0.5]
+    policy.zero_grad()
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    trl_grad = _grads(policy).clone()
+    policy.zero_grad()
+    plain, _ = dpo_batch_loss(policy, [examples[i] for i in indices], trl_ref[indices], 0.1, "sigmoid")
+    loss, metrics = dpo_batch_loss(policy, [examples[i] for i in indices], trl_ref[indices], 0.1, "sigmoid",
+                                   sft_weight=0.5)
+    loss.backward()
+    grad = _grads(policy)
+    assert abs(loss.item() - trl_loss.item()) <= 1e-5 * abs(trl_loss.item())
+    assert ((grad - trl_grad).norm() / trl_grad.norm()).item() <= 1e-5
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * metrics["nll/chosen"], rel=1e-6)
+    assert metrics["nll/chosen"] > 0
+
 
 def test_kto_matches_trl(tiny, tmp_path):
     policy, reference, tokenizer = tiny

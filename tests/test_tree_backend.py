@@ -125,6 +125,35 @@ def test_dpo_trains_on_a_keep_end_window(tmp_path, tiny_model_dir, smollm2_store
     assert [m["phase"] for m in metrics] == ["dpo"] and metrics[0]["loss"] > 0
 
 
+def test_rpo_and_bf16_mixed_precision_train_and_log(tmp_path, tiny_model_dir, smollm2_store):
+    """sft_weight adds the chosen answers' NLL (logged per step); precision bf16 trains with fp32 weights under
+    bf16 autocast: its first-step log-probs agree with fp32 to bf16 accuracy, and its reference cache is its own."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        store = tmp_path / f"store-{precision}"
+        job = _job(tmp_path, tiny_model_dir, store, pair_rows(4), precision, base_is_sft=True, max_steps=1,
+                   sft_weight=0.5, precision=precision, learning_rate=1e-9)
+        result = get_backend("fast").train(job, lambda _: None)
+        runs[precision] = [json.loads(line) for line in result.metrics_file.read_text().splitlines()][0]
+        runs[precision]["cache"] = [p.name for p in (store / "refcache").glob("*.jsonl")]
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert fp32["nll/chosen"] > 0 and bf16["nll/chosen"] > 0
+    assert fp32["logps/chosen"] != bf16["logps/chosen"]  # bf16 matmuls really ran
+    assert bf16["logps/chosen"] == pytest.approx(fp32["logps/chosen"], rel=0.02)
+    assert bf16["cache"] != fp32["cache"] and all(name.endswith("-bf16.jsonl") for name in bf16["cache"])
+
+
+def test_config_refuses_unknown_precision_and_rpo_without_pairs():
+    from agent_dpo.errors import UsageError
+
+    with pytest.raises(UsageError, match="precision must be one of auto, fp32, bf16"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(UsageError, match="method kto has no chosen answers"):
+        TrainConfig(method="kto", sft_weight=1.0)
+    with pytest.raises(UsageError, match="sft_weight must be 0 or more"):
+        TrainConfig(sft_weight=-1)
+
+
 def test_refuses_to_run_once_per_process_under_a_multi_process_launcher(tmp_path, monkeypatch):
     from agent_dpo.errors import AgentDpoError
     from agent_dpo.training.tree_backend import TreePhases

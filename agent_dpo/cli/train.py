@@ -17,7 +17,7 @@ from agent_dpo.errors import AgentDpoError, UsageError
 # CLI flag -> TrainConfig field, for flags that override the config file when given.
 _OVERRIDES = ("backend", "method", "base_model", "sft_steps", "sft_learning_rate", "beta", "loss_type",
               "learning_rate", "max_steps", "batch_size", "grad_accum", "max_length", "truncation_mode",
-              "lora_r", "seed", "device")
+              "lora_r", "seed", "device", "precision", "sft_weight")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--beta", type=float)
     p.add_argument("--loss-type")
+    p.add_argument("--sft-weight", type=float, help="RPO: weight of the chosen answers' NLL added to the DPO "
+                                                    "loss (default 0: plain DPO)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="auto (bf16 on a GPU, fp32 on a CPU), fp32, or bf16 mixed precision")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--max-length", type=int)

@@ -25,6 +25,7 @@ from typing import Any
 from agent_dpo.errors import UsageError
 
 BACKENDS = ("trl", "fast", "openai")
+PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("dpo", "kto")
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,6 +44,10 @@ class TrainConfig:
     sft_learning_rate: float = 2e-4
     beta: float = 0.1
     loss_type: str = "sigmoid"  # DPO: sigmoid | ipo | hinge ...; KTO: kto | apo_zero_unpaired
+    # RPO: the chosen completions' negative log-likelihood, added to the DPO loss with this weight (0: plain
+    # DPO). It keeps the likelihood of good answers from falling while their margin grows, which small
+    # models otherwise pay for with degenerate generations. TRL: loss_type [..., "sft"], loss_weights [1, w].
+    sft_weight: float = 0.0
     learning_rate: float = 5e-5
     max_steps: int = 100
     batch_size: int = 4
@@ -64,6 +69,10 @@ class TrainConfig:
     desirable_weight: float | None = None
     undesirable_weight: float | None = None
     device: str | None = None  # None: cuda when available, else cpu
+    # Local training arithmetic. auto: bf16 weights on a GPU, fp32 on a CPU. bf16: mixed precision (fp32
+    # weights and optimizer state, bf16 autocast for the matmuls), ~1.3x faster on whole agent calls on
+    # CPUs with AMX (Sapphire Rapids and newer). fp32: fp32 everywhere.
+    precision: str = "auto"
     # The openai backend (adapters/openai_finetune.py) reads these; None leaves the choice to the API.
     openai_model: str | None = None
     openai_provider: str | None = None  # openai | azure
@@ -95,6 +104,13 @@ class TrainConfig:
             raise UsageError(f"truncation_mode must be keep_start or keep_end, not {self.truncation_mode!r}")
         if self.sft_steps < 0:
             raise UsageError(f"sft_steps must be 0 or more, not {self.sft_steps}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if not self.sft_weight >= 0:
+            raise UsageError(f"sft_weight must be 0 or more, not {self.sft_weight}")
+        if self.sft_weight and self.method != "dpo":
+            raise UsageError("sft_weight (RPO) adds the chosen answers' likelihood to the DPO loss; "
+                             f"method {self.method} has no chosen answers")
         if not self.beta > 0:
             raise UsageError(f"beta must be positive, not {self.beta}")
         if isinstance(self.lora_targets, str):

@@ -152,16 +152,25 @@ def reference_logps(model: Any, examples: Sequence[TreeExample], cache: RefCache
 
 
 def dpo_batch_loss(model: Any, batch: Sequence[TreeExample], ref: torch.Tensor, beta: float,
-                   loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, float]]:
-    """DPO on one tree: policy log-probs of [chosen, rejected] per example against their reference."""
+                   loss_type: str = "sigmoid", sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO on one tree: policy log-probs of [chosen, rejected] per example against their reference. With
+    `sft_weight`, the chosen tokens' negative log-likelihood is added with that weight (RPO; TRL's
+    loss_type [..., "sft"] with loss_weights [1, sft_weight])."""
     tree = build_tree(batch)
-    sums, _ = tree_forward(model, tree)
+    sums, per_token = tree_forward(model, tree)
     ref = ref.to(sums.device, sums.dtype)
     lengths = tree.branch_lengths.to(sums.device)
     loss, chosen_r, rejected_r = losses.dpo_loss(loss_type, sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], beta,
                                                  lengths[:, 0], lengths[:, 1])
+    extra = {}
+    if sft_weight:
+        chosen_tokens = (tree.score_branch.to(per_token.device) % tree.max_branches) == 0
+        nll = losses.sft_loss(per_token[chosen_tokens])
+        loss = loss + sft_weight * nll
+        extra["nll/chosen"] = nll.item()
     metrics = {
         "loss": loss.item(),
+        **extra,
         "rewards/chosen": chosen_r.mean().item(),
         "rewards/rejected": rejected_r.mean().item(),
         "rewards/margins": (chosen_r - rejected_r).mean().item(),
@@ -303,8 +312,8 @@ class TreePhases:
                          "processes use backend trl (every process would otherwise train the same run)")
         self.store_dir = Path(store_dir)
         device = _device(config)
-        # fp32 on CPU (bf16 matmuls there are slow or inexact); bf16 weights on a GPU.
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        # auto: bf16 weights on a GPU, fp32 on a CPU; bf16 (mixed) keeps fp32 weights and autocasts (_mixed).
+        dtype = "bfloat16" if config.precision == "auto" and device.startswith("cuda") else "float32"
         return load_model(config.base_model, store_dir, dtype=dtype, device=device), \
             load_tokenizer(config.base_model, store_dir)
 
@@ -318,7 +327,7 @@ class TreePhases:
                                 batch_size=config.batch_size, grad_accum=config.grad_accum, seed=config.seed)
         micro = [[examples[i] for i in idx] for idx in batches(len(examples), settings)]
         with _progress("sft", metrics, config.sft_steps) as on_step:
-            train_loop(model, micro, lambda b: sft_batch_loss(model, b), settings, on_step)
+            train_loop(model, micro, _mixed(config, lambda b: sft_batch_loss(model, b)), settings, on_step)
         _save(model, out_dir, config)
         merged = model.merge_and_unload() if config.lora else model
         return merged, out_dir, config.sft_steps
@@ -329,7 +338,8 @@ class TreePhases:
 
         torch.manual_seed(config.seed)
         # The reference is the model as it is now (SFT merged); its digest names the cache file.
-        cache = RefCache(self.store_dir / "refcache" if self.store_dir else None, weights_digest(model))
+        digest = weights_digest(model) + ("-bf16" if config.precision == "bf16" else "")
+        cache = RefCache(self.store_dir / "refcache" if self.store_dir else None, digest)
         model = _with_lora(model, config)
         if config.method == "dpo":
             examples = _tokenized(rows, lambda r: tokenize_preference(tokenizer, r, config.max_length,
@@ -340,7 +350,8 @@ class TreePhases:
 
             def loss_fn(batch: list[TreeExample]) -> tuple[torch.Tensor, dict]:
                 return dpo_batch_loss(model, batch, reference_logps(model, batch, cache), config.beta,
-                                      config.loss_type if config.loss_type in losses.DPO_LOSSES else "sigmoid")
+                                      config.loss_type if config.loss_type in losses.DPO_LOSSES else "sigmoid",
+                                      config.sft_weight)
         else:
             kept = [(r, tokenize_unpaired(tokenizer, r, config.max_length, config.truncation_mode)) for r in rows]
             kept = [(r, ex) for r, ex in kept if ex is not None]
@@ -369,18 +380,33 @@ class TreePhases:
         from tqdm.auto import tqdm
 
         needed = [ex for m in micro for ex in (m[0] if isinstance(m, tuple) else m)]
-        with tqdm(desc="reference", unit="example", dynamic_ncols=True) as bar:
+        with tqdm(desc="reference", unit="example", dynamic_ncols=True) as bar, _autocast(config):
             # No gradient here, so batches can be wider than training's: the shared prefix runs once per 16.
             reference_logps(model, needed, cache, batch_size=max(config.batch_size, REFERENCE_BATCH),
                             on_batch=bar.update)
         with _progress(config.method, metrics, config.max_steps) as on_step:
-            train_loop(model, micro, loss_fn, settings, on_step)
+            train_loop(model, micro, _mixed(config, loss_fn), settings, on_step)
         _save(model, out_dir, config)
         return out_dir, config.max_steps
 
 
 def _device(config: Any) -> str:
     return config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(config: Any) -> contextlib.AbstractContextManager:
+    """bf16 autocast when the config asks for mixed precision; nothing otherwise."""
+    if config.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(_device(config).split(":")[0], dtype=torch.bfloat16)
+
+
+def _mixed(config: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, dict]]) -> Callable[[Any], tuple[torch.Tensor, dict]]:
+    """The loss function with its forward under `_autocast` (backward runs outside, as autocast wants)."""
+    def run(batch: Any) -> tuple[torch.Tensor, dict]:
+        with _autocast(config):
+            return loss_fn(batch)
+    return run
 
 
 def _error(message: str) -> Exception:
