@@ -10,7 +10,8 @@ promotion gates read. Three measures on the agent's held-out split:
    over prompts (2000 resamples): ties make the outcome three-valued, which Wilson's interval does not
    cover, and resampling prompts keeps the interval honest about which prompts happened to be held out.
 3. Tool-call validity: the share of generated tool calls that pass their tool's JSON Schema
-   (toolcheck.check_tool_call), candidate and baseline; null when a side made no tool call.
+   (toolcheck.check_redacted_call: held-out prompts are redacted, so a `[PHONE]` copied into a call stands
+   for the removed number), candidate and baseline; null when a side made no tool call.
 
 A judge that labelled the data would grade its own homework, so one whose name matches the export's
 `labelled_by` is refused. Everything is seeded: the same data, models and seed give the same numbers."""
@@ -50,7 +51,7 @@ class Policy:
 class EvalSettings:
     beta: float = 0.1
     seed: int = 0
-    max_new_tokens: int = 96
+    max_new_tokens: int = 256  # a tool call with its arguments runs past 100 tokens; answers stop at <|im_end|>
     max_prompts: int | None = None  # judge at most this many held-out prompts (seeded sample)
     max_pairs: int | None = None  # score at most this many held-out pairs (seeded sample)
     batch_size: int = 8
@@ -300,7 +301,7 @@ def tool_call_report(prompts: list[dict], cand: list[dict], base: list[dict]) ->
 
 
 def _validity(prompts: list[dict], answers: list[dict]) -> tuple[int, int]:
-    from agent_dpo.toolcheck import check_tool_call
+    from agent_dpo.toolcheck import check_redacted_call
 
     ok = total = 0
     for p, answer in zip(prompts, answers):
@@ -308,7 +309,7 @@ def _validity(prompts: list[dict], answers: list[dict]) -> tuple[int, int]:
         for call in answer.get("tool_calls") or []:
             fn = call.get("function", {})
             total += 1
-            ok += bool(check_tool_call(tools, fn.get("name", ""), fn.get("arguments", "")).ok)
+            ok += bool(check_redacted_call(tools, fn.get("name", ""), fn.get("arguments", "")).ok)
     return ok, total
 
 

@@ -243,3 +243,32 @@ def test_bench_prints_every_contender_and_the_ratio_last(capsys):
     assert any("jsonschema-rs is_valid" in line for line in lines)
     assert any("agent-dpo check, full path" in line for line in lines)
     assert re.fullmatch(r"toolcheck: ratio \d+\.\d\d vs jsonschema-rs", lines[-1])
+
+
+def test_redacted_placeholders_pass_shape_rules_only():
+    """Exports redact phones and e-mails inside tool-call arguments, so a held-out chosen call (and what a model
+    trained on it writes) carries `[PHONE]`: the strict check fails it on the phone pattern; the check for
+    redacted data passes a placeholder where only the string's shape is wrong, and nothing else."""
+    from agent_dpo.redaction import redact_value
+    from agent_dpo.toolcheck import check_redacted_call
+
+    raw = json.loads(args_for("book_slot"))
+    raw["customer"]["phone"] = "+14155550123"
+    raw["customer"]["email"] = "ana@example.com"
+    assert check_tool_call(SALON, "book_slot", json.dumps(raw)).ok
+    redacted = redact_value(raw)
+    assert redacted["customer"]["phone"] == "[PHONE]" and redacted["customer"]["email"] == "[EMAIL]"
+    strict = check_tool_call(SALON, "book_slot", json.dumps(redacted))
+    assert not strict.ok and strict.code == "schema_violation"
+    assert check_redacted_call(SALON, "book_slot", json.dumps(redacted)).ok
+
+    wrong_phone = copy.deepcopy(redacted)
+    wrong_phone["customer"]["phone"] = "555"  # a real value of the wrong shape still fails
+    assert not check_redacted_call(SALON, "book_slot", json.dumps(wrong_phone)).ok
+    missing = copy.deepcopy(redacted)
+    del missing["slot_id"]  # and so does everything a placeholder does not explain
+    assert not check_redacted_call(SALON, "book_slot", json.dumps(missing)).ok
+    in_enum = copy.deepcopy(redacted)
+    in_enum["send_confirmation"] = "[EMAIL]"
+    assert not check_redacted_call(SALON, "book_slot", json.dumps(in_enum)).ok
+    assert not check_redacted_call(SALON, "book_slot", '{"slot_id": ').ok

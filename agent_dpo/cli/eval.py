@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, help="judge at most this many held-out prompts")
     p.add_argument("--max-pairs", type=int, help="score at most this many held-out pairs")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generation limit per answer (default 256: tool calls with many arguments need >100)")
     p.add_argument("--device", help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--max-length", type=int,
                    help="score and generate on the last N tokens (default: the version's training window "

@@ -302,14 +302,15 @@ def _tool_calls(answer: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _check(tools: list[dict[str, Any]], name: str, arguments: str) -> bool:
     try:
-        from agent_dpo.toolcheck import check_tool_call
+        from agent_dpo.toolcheck import check_redacted_call
     except ImportError:  # without the checker: parse, and the tool must be offered
         try:
             ok = isinstance(json.loads(arguments), dict)
         except ValueError:
             return False
         return ok and any(t.get("function", {}).get("name") == name for t in tools)
-    return check_tool_call(tools, name, arguments).ok
+    # Judged contexts are redacted exports: a placeholder copied into a call stands for the removed value.
+    return check_redacted_call(tools, name, arguments).ok
 
 
 def extract_features(agent_id: str, prompt_messages: list[dict[str, Any]], tools: list[dict[str, Any]],
