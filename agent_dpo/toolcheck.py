@@ -171,13 +171,6 @@ class _Compiled:
         self._rs = None
         self.is_valid = _never_valid
 
-    def errors(self, instance: Any) -> list[Any]:
-        """Every python-jsonschema error of an instance (empty when valid)."""
-        if self._explainer is None:
-            cls = jsonschema.validators.validator_for(self.schema, default=jsonschema.Draft202012Validator)
-            self._explainer = cls(self.schema, format_checker=cls.FORMAT_CHECKER)
-        return list(self._explainer.iter_errors(instance))
-
     def explain(self, instance: Any) -> tuple[str, str]:
         """(reason, rule) for an instance that failed: jsonschema's best match, JSON-pointed."""
         if self._explainer is None:
@@ -309,27 +302,32 @@ def check_tool_call(tools: list[dict], name: str, arguments: str) -> ToolCallVer
 
 # --- stats -----------------------------------------------------------------------------------
 
-# The shape constraints a redaction placeholder cannot meet, and need not: it stands for a removed value.
-_SHAPE_RULES = frozenset({"pattern", "format", "minLength", "maxLength"})
+# What a redaction placeholder stands for when a call in redacted data is checked: a value of its kind.
+_STAND_INS = {"[EMAIL]": "redacted@example.com", "[PHONE]": "+15550100000", "[CARD]": "4111111111111111"}
+
+
+def _with_stand_ins(value: Any) -> Any:
+    if isinstance(value, str):
+        return _STAND_INS.get(value, value)
+    if isinstance(value, dict):
+        return {k: _with_stand_ins(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_stand_ins(v) for v in value]
+    return value
 
 
 def check_redacted_call(tools: list[dict], name: str, arguments: str) -> ToolCallVerdict:
     """`check_tool_call` for a call made in redacted data (an export's held-out prompts, and what a model
     trained on them writes): the export put `[EMAIL]`, `[PHONE]` or `[CARD]` where a value was, so a string
-    that is exactly a placeholder passes the constraints on its shape (pattern, format, length). Anything
-    else, a placeholder in an enum or a missing field included, fails as usual."""
-    from agent_dpo.redaction import PLACEHOLDERS
-
+    that is exactly a placeholder is checked as a value of its kind (an e-mail address, an E.164 number, a
+    card number). A placeholder where its kind does not fit (an enum, an e-mail field holding `[PHONE]`), a
+    missing field or a wrong real value fails as usual, with the strict check's reason."""
     verdict = check_tool_call(tools, name, arguments)
     if verdict.ok or verdict.code != "schema_violation":
         return verdict
-    compiled = _SHARED._offered(tools).get(name)
-    try:
-        errors = compiled.errors(parse_arguments(arguments))
-    except Exception:  # noqa: BLE001 - a schema python-jsonschema cannot walk: keep the strict verdict
-        return verdict
-    if errors and all(e.validator in _SHAPE_RULES and isinstance(e.instance, str) and e.instance in PLACEHOLDERS
-                      for e in errors):
+    value = parse_arguments(arguments)
+    swapped = _with_stand_ins(value)
+    if swapped != value and check_tool_call(tools, name, json.dumps(swapped)).ok:
         return OK
     return verdict
 

@@ -272,3 +272,11 @@ def test_redacted_placeholders_pass_shape_rules_only():
     in_enum["send_confirmation"] = "[EMAIL]"
     assert not check_redacted_call(SALON, "book_slot", json.dumps(in_enum)).ok
     assert not check_redacted_call(SALON, "book_slot", '{"slot_id": ').ok
+
+    # A placeholder inside a combinator (callback: an object with a phone, or null) is a value of its kind too.
+    transfer = json.loads(args_for("transfer_to_human"))
+    transfer["callback"] = {"date": "2026-11-04", "phone": "[PHONE]", "window_start": "10:00", "window_end": "12:00"}
+    assert not check_tool_call(SALON, "transfer_to_human", json.dumps(transfer)).ok
+    assert check_redacted_call(SALON, "transfer_to_human", json.dumps(transfer)).ok
+    transfer["callback"]["phone"] = "[EMAIL]"  # the wrong kind of placeholder for a phone field
+    assert not check_redacted_call(SALON, "transfer_to_human", json.dumps(transfer)).ok

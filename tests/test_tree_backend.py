@@ -134,7 +134,7 @@ def test_rpo_and_bf16_mixed_precision_train_and_log(tmp_path, tiny_model_dir, sm
         job = _job(tmp_path, tiny_model_dir, store, pair_rows(4), precision, base_is_sft=True, max_steps=1,
                    sft_weight=0.5, precision=precision, learning_rate=1e-9)
         result = get_backend("fast").train(job, lambda _: None)
-        runs[precision] = [json.loads(line) for line in result.metrics_file.read_text().splitlines()][0]
+        runs[precision] = json.loads(result.metrics_file.read_text().splitlines()[0])
         runs[precision]["cache"] = [p.name for p in (store / "refcache").glob("*.jsonl")]
     fp32, bf16 = runs["fp32"], runs["bf16"]
     assert fp32["nll/chosen"] > 0 and bf16["nll/chosen"] > 0
