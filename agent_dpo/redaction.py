@@ -21,7 +21,6 @@ from typing import Any
 EMAIL = "[EMAIL]"
 PHONE = "[PHONE]"
 CARD = "[CARD]"
-PLACEHOLDERS = frozenset({EMAIL, PHONE, CARD})
 
 # Bounded parts (RFC 5321: local part <= 64, labels <= 63) and a match that may only start where a
 # local-part run starts keep this linear: unbounded, a long run of word characters around an "@"

@@ -16,6 +16,8 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema_rs
 
+from agent_dpo.redaction import CARD, EMAIL, PHONE
+
 if TYPE_CHECKING:
     from agent_dpo.store import EventStore
 
@@ -300,10 +302,8 @@ def check_tool_call(tools: list[dict], name: str, arguments: str) -> ToolCallVer
     return _SHARED.check(tools, name, arguments)
 
 
-# --- stats -----------------------------------------------------------------------------------
-
 # What a redaction placeholder stands for when a call in redacted data is checked: a value of its kind.
-_STAND_INS = {"[EMAIL]": "redacted@example.com", "[PHONE]": "+15550100000", "[CARD]": "4111111111111111"}
+_STAND_INS = {EMAIL: "redacted@example.com", PHONE: "+15550100000", CARD: "4111111111111111"}
 
 
 def _with_stand_ins(value: Any) -> Any:
@@ -331,6 +331,8 @@ def check_redacted_call(tools: list[dict], name: str, arguments: str) -> ToolCal
         return OK
     return verdict
 
+
+# --- stats -----------------------------------------------------------------------------------
 
 @dataclass
 class _ToolTally:
