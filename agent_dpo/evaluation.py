@@ -179,70 +179,101 @@ def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], max_length: in
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: EvalSettings,
-                     device: str, label: str = "answers") -> list[dict]:
-    """Greedy answers, parsed back to assistant Messages, in batches (left padding), with a progress bar."""
+                     device: str, label: str = "answers", *, samples: int = 1,
+                     temperature: float | None = None, top_p: float = 1.0) -> list[dict]:
+    """Answers parsed back to assistant Messages, with a progress bar: greedy, or sampled at `temperature`
+    with `samples` answers per prompt (prompt i's answers at i*samples ... i*samples+samples-1).
+
+    Prompts run in batches of similar length (order restored after), so little of a batch is padding;
+    a batch's shared prefix (system prompt and tools) and each prompt's own context are computed once,
+    however many samples are drawn from it."""
     import torch
     from tqdm.auto import tqdm
 
     from agent_dpo.chat_template import parse_assistant_output
     from agent_dpo.training.recipes import template_messages
 
-    answers = []
+    window = None if settings.max_length is None else max(1, settings.max_length - settings.max_new_tokens)
+    encoded = []
+    for p in prompts:
+        ids = list(tokenizer.apply_chat_template(template_messages(p["prompt"]), tools=_tool_list(p.get("tools")),
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"])
+        encoded.append(ids[-window:] if window else ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers: list[dict | None] = [None] * (len(prompts) * samples)
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature
+                else {"do_sample": False})
+    per_batch = max(1, settings.batch_size // samples)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     bar = tqdm(total=len(prompts), desc=label, unit="prompt", dynamic_ncols=True)
     try:
-        for i in range(0, len(prompts), settings.batch_size):
-            chunk = prompts[i:i + settings.batch_size]
-            window = None if settings.max_length is None else max(1, settings.max_length - settings.max_new_tokens)
-            encoded = []
-            for p in chunk:
-                ids = tokenizer.apply_chat_template(template_messages(p["prompt"]), tools=_tool_list(p.get("tools")),
-                                                    add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"]
-                encoded.append({"input_ids": list(ids)[-window:] if window else list(ids)})
-            batch = _shared_prefix_batch(model, [e["input_ids"] for e in encoded], tokenizer.pad_token_id, device)
-            if batch is None:
-                batch = tokenizer.pad(encoded, return_tensors="pt").to(device)
-            torch.manual_seed(settings.seed)
+        for start in range(0, len(order), per_batch):
+            chunk = order[start:start + per_batch]
+            rows = [encoded[i] for i in chunk]
             with torch.no_grad():
-                generated = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
+                batch = _shared_prefix_batch(model, rows, tokenizer.pad_token_id, device, samples)
+                if batch is None:
+                    batch = tokenizer.pad([{"input_ids": r} for r in rows for _ in range(samples)],
+                                          return_tensors="pt").to(device)
+                torch.manual_seed(settings.seed + start)
+                generated = model.generate(**batch, max_new_tokens=settings.max_new_tokens, **sampling,
                                            pad_token_id=tokenizer.pad_token_id,
                                            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
-            for row in generated[:, batch["input_ids"].shape[1]:]:
-                answers.append(parse_assistant_output(tokenizer.decode(row, skip_special_tokens=False)))
+            for j, row in enumerate(generated[:, batch["input_ids"].shape[1]:]):
+                i, k = chunk[j // samples], j % samples
+                answers[i * samples + k] = parse_assistant_output(tokenizer.decode(row, skip_special_tokens=False))
             bar.update(len(chunk))
     finally:
         bar.close()
         tokenizer.padding_side = side
-    return answers
+    return answers  # type: ignore[return-value]
 
 
 SHARED_PREFIX_MIN = 64  # tokens a batch's prompts must share before one prefix pass pays off
 
 
-def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device: str) -> dict | None:
+def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device: str,
+                         samples: int = 1) -> dict | None:
     """Generation inputs whose shared prefix (an agent's system prompt and tools) is computed once: its
     keys/values go in as the cache for every row, each row's own tokens follow after padding in the
-    middle (masked; positions come from the mask, so each row sees the positions it has alone). None when
-    the prompts share too little for this to pay off."""
+    middle (masked; positions come from the mask, so each row sees the positions it has alone). With
+    `samples` > 1 each row's own context also runs once (all but its last token), and its samples
+    share those keys/values. None when the prompts share too little for this to pay off."""
     import torch
     from transformers import DynamicCache
 
     from agent_dpo.training.prefix_tree import cache_kwargs, common_prefix, repeat_cache
 
     p = min(common_prefix(rows), min(len(r) for r in rows) - 1)
-    if p < SHARED_PREFIX_MIN or len(rows) < 2:
+    if p < SHARED_PREFIX_MIN or len(rows) * samples < 2:
         return None
     one = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, **cache_kwargs(model, one))
+    model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, logits_to_keep=1,
+          **cache_kwargs(model, one))
     cache = repeat_cache(one, len(rows), model.config)
     width = max(len(r) - p for r in rows)
-    ids = [r[:p] + [pad_id] * (width - (len(r) - p)) + r[p:] for r in rows]
-    mask = [[1] * p + [0] * (width - (len(r) - p)) + [1] * (len(r) - p) for r in rows]
-    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
-            **cache_kwargs(model, cache)}
+    ids = torch.tensor([r[:p] + [pad_id] * (width - (len(r) - p)) + r[p:] for r in rows], device=device)
+    mask = torch.tensor([[1] * p + [0] * (width - (len(r) - p)) + [1] * (len(r) - p) for r in rows], device=device)
+    if samples > 1:
+        if width > 1:  # every row ends in a real token; everything before it is cached here, once per row
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1], position_ids=positions[:, p:-1],
+                  use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        cache = interleave_cache(cache, samples, model.config)
+        ids, mask = ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
+    return {"input_ids": ids, "attention_mask": mask, **cache_kwargs(model, cache)}
+
+
+def interleave_cache(cache: Any, samples: int, config: Any) -> Any:
+    """Each row of `cache` repeated `samples` times in place (row r becomes rows r*samples ...)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.repeat_interleave(samples, 0), layer.values.repeat_interleave(samples, 0), i)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

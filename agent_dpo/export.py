@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,8 +228,11 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
                  split: str = "train", redact: bool = True, length_balance: bool = False,
                  include_pairs: bool = False, test_fraction: float = DEFAULT_TEST_FRACTION,
                  config: PairingConfig = DEFAULT_CONFIG, labelled_by: Any = None,
-                 store_event_range: tuple[int, int] | None = None) -> ExportSummary:
-    """Build, select, redact, dedupe and write; the store-free core of `export_dataset`."""
+                 store_event_range: tuple[int, int] | None = None,
+                 signals: Collection[str] = (), raters: Collection[str] = ()) -> ExportSummary:
+    """Build, select, redact, dedupe and write; the store-free core of `export_dataset`. With `signals`
+    or `raters`, only examples whose signal is one of `signals` or whose rater is one of `raters` are
+    written (for example one side-by-side campaign's pairs plus every schema retry)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if split not in SPLITS:
@@ -244,8 +247,11 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
             return True
         return (side or split_of(tenant_id, agent_id, call_id, test_fraction)) == split
 
-    pairs = [p for p in examples.pairs if on_side(p.call_id, p.side)]
-    kto = [k for k in examples.kto if on_side(k.call_id, k.side)]
+    def selected(item: Pair | KtoExample) -> bool:
+        return not (signals or raters) or item.signal in signals or item.rater in raters
+
+    pairs = [p for p in examples.pairs if on_side(p.call_id, p.side) and selected(p)]
+    kto = [k for k in examples.kto if on_side(k.call_id, k.side) and selected(k)]
     # Drops of the signals this file could have held (and whole calls): a CSAT drop says nothing
     # about a DPO file.
     wanted = {"call", *(PAIR_SIGNALS if fmt != "trl-kto" or include_pairs else ()),
@@ -290,6 +296,8 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
     meta = _export_meta(examples, tenant_id, agent_id, fmt, split, test_fraction, redact, config, out,
                         rows, counts, drops, digest, length_before, length_after, length_balance,
                         include_pairs, weights, labelled_by, store_event_range)
+    if signals or raters:
+        meta["selected"] = {"signals": sorted(signals), "raters": sorted(raters)}
     meta_path = out.with_name(out.name + ".meta.json")
     _atomic_write(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
     return ExportSummary(out, meta_path, fmt, split, len(rows), counts,
@@ -299,13 +307,15 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
 def export_dataset(store: EventStore, tenant_id: str, agent_id: str, fmt: str, out: str | Path, *,
                    split: str = "train", redact: bool = True, length_balance: bool = False,
                    include_pairs: bool = False, test_fraction: float = DEFAULT_TEST_FRACTION,
-                   config: PairingConfig = DEFAULT_CONFIG, labelled_by: Any = None) -> ExportSummary:
+                   config: PairingConfig = DEFAULT_CONFIG, labelled_by: Any = None,
+                   signals: Collection[str] = (), raters: Collection[str] = ()) -> ExportSummary:
     """Export one agent's data from a store. Only that agent's calls are read; only complete calls
     give examples. Returns what was written and why the rest was left out."""
     return export_calls(store.calls(tenant_id, agent_id), tenant_id, agent_id, fmt, out, split=split,
                         redact=redact, length_balance=length_balance, include_pairs=include_pairs,
                         test_fraction=test_fraction, config=config, labelled_by=labelled_by,
-                        store_event_range=store.event_range(tenant_id, agent_id))
+                        store_event_range=store.event_range(tenant_id, agent_id),
+                        signals=signals, raters=raters)
 
 
 def _write(out: Path, rows: list[_Row]) -> str:

@@ -191,3 +191,72 @@ def test_shared_prefix_generation_gives_the_same_answers(trained, tiny_model_dir
     monkeypatch.setattr(evaluation, "SHARED_PREFIX_MIN", 10**9)
     plain = evaluation.generate_answers(model, tokenizer, rows, settings, "cpu")
     assert shared == plain
+
+
+def test_samples_share_one_pass_per_prompt_and_keep_prompt_order(trained, tiny_model_dir, monkeypatch):
+    """`samples` answers per prompt: each prompt's context runs once and its samples continue from the same
+    keys/values; greedy samples equal the one greedy answer, sampled ones are seeded, and answers come back
+    in prompt order although batches run shortest prompt first."""
+    import torch
+
+    from agent_dpo import evaluation
+    from agent_dpo_adapters.hf_models import SMOLLM2, load_tokenizer
+
+    result, store, held_out = trained
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    rows[0] = {**rows[0], "prompt": rows[0]["prompt"] + [  # the first prompt is the longest
+        {"role": "assistant", "content": "Which service would you like, and at which branch?"},
+        {"role": "user", "content": "A cut and a colour at the high street branch, in the afternoon please."}]}
+    tokenizer = load_tokenizer(SMOLLM2, store)
+    model = evaluation.load_policy(Policy("v1", str(tiny_model_dir), Path(result["artifact_dir"])), store)
+    monkeypatch.setattr(evaluation, "SHARED_PREFIX_MIN", 8)
+    encoded = [list(tokenizer.apply_chat_template(r["prompt"], tools=r["tools"], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]) for r in rows]
+    batch = evaluation._shared_prefix_batch(model, encoded, tokenizer.pad_token_id, "cpu", samples=2)
+    cache_key = next(k for k in batch if k not in ("input_ids", "attention_mask"))
+    cache, mask = batch[cache_key], batch["attention_mask"]
+    assert batch["input_ids"].shape[0] == 2 * len(rows)
+    assert cache.get_seq_length() == batch["input_ids"].shape[1] - 1  # only the last token is left to run
+    with torch.no_grad():
+        next_logits = model(input_ids=batch["input_ids"][:, -1:], attention_mask=mask, **{cache_key: cache},
+                            position_ids=(mask.cumsum(-1) - 1)[:, -1:]).logits[:, -1]
+        for i, ids in enumerate(encoded):
+            alone = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            for k in (2 * i, 2 * i + 1):
+                assert torch.allclose(next_logits[k], alone, atol=1e-4), (i, k)
+
+    settings = EvalSettings(max_new_tokens=8, batch_size=4, seed=3)
+    greedy = evaluation.generate_answers(model, tokenizer, rows, settings, "cpu")
+    twice = evaluation.generate_answers(model, tokenizer, rows, settings, "cpu", samples=2)
+    assert twice == [a for a in greedy for _ in range(2)]
+    sampled = evaluation.generate_answers(model, tokenizer, rows, settings, "cpu", samples=2, temperature=1.5)
+    again = evaluation.generate_answers(model, tokenizer, rows, settings, "cpu", samples=2, temperature=1.5)
+    assert sampled == again and len(sampled) == 2 * len(rows)
+    assert sampled != twice  # a hot tiny model does not land on its greedy answers every time
+
+
+def test_sample_cli_writes_candidates_of_the_sft_stage(trained, tmp_path):
+    _, store, held_out = trained
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    data = write_jsonl(tmp_path / "prompts.jsonl",
+                       [{**r, "meta": {"call_id": f"c{i}", "turn": 1}} for i, r in enumerate(rows)])
+    out = tmp_path / "cand.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", "sample", "--agent", "acme/salon",
+         "--version", "v1", "--stage", "sft", "--data", str(data), "--out", str(out), "--samples", "3",
+         "--max-new-tokens", "6", "--precision", "fp32", "--store", str(store), "--json"],
+        check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary == {"version": "v1:sft", "prompts": len(rows), "samples": 3, "candidates": 3 * len(rows),
+                       "out": str(out)}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["meta"] for r in records] == [{"call_id": f"c{i}", "turn": 1} for i in range(len(rows))]
+    assert all(r["prompt"] == row["prompt"] and len(r["candidates"]) == 3 and r["version"] == "v1:sft"
+               for r, row in zip(records, rows))
+    assert all(c["role"] == "assistant" for r in records for c in r["candidates"])
+
+    bad = subprocess.run([sys.executable, "-m", "agent_dpo.cli", "sample", "--agent", "acme/salon", "--version", "v1",
+                          "--data", str(held_out), "--out", str(out), "--store", str(store)],
+                         check=False, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "meta.call_id" in bad.stderr and "Traceback" not in bad.stderr

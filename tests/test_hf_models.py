@@ -69,3 +69,38 @@ def test_folder_without_safetensors_is_refused(tmp_path):
 def test_unusable_name_is_one_clear_error(tmp_path):
     with pytest.raises(AgentDpoError, match="neither"):
         hf_models.resolve_model("not a model", tmp_path)
+
+
+def test_adapter_folder_is_merged_into_its_base_once(tiny_model_dir, tmp_path, monkeypatch):
+    """A LoRA folder (a version's SFT stage) resolves to a plain model: its base with the adapter merged,
+    cached by the adapter's digest, so the next run can declare it its SFT'd base."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = hf_models.load_model(tiny_model_dir, tmp_path)
+    torch.manual_seed(0)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "run" / "sft"
+    lora.save_pretrained(str(adapter))
+    merged_dir = hf_models.resolve_model(adapter, tmp_path)
+    assert merged_dir.parent == tmp_path / "models" / "merged" and (merged_dir / "model.safetensors").is_file()
+    assert not (merged_dir / "adapter_config.json").exists()
+
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    expected = PeftModel.from_pretrained(hf_models.load_model(tiny_model_dir, tmp_path), str(adapter))
+    merged = hf_models.load_model(adapter, tmp_path)
+    plain = hf_models.load_model(tiny_model_dir, tmp_path)
+    with torch.no_grad():
+        want, got, before = (m(input_ids=ids).logits for m in (expected.eval(), merged.eval(), plain.eval()))
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, before, atol=1e-3)
+    assert hf_models.load_tokenizer(adapter, tmp_path).chat_template  # the tool-aware template, as for any model
+
+    monkeypatch.setattr("peft.PeftModel.from_pretrained", lambda *a, **k: pytest.fail("merged twice"))
+    assert hf_models.resolve_model(adapter, tmp_path) == merged_dir
+
+
+def test_adapter_folder_without_weights_is_refused(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(AgentDpoError, match="adapter_model.safetensors"):
+        hf_models.resolve_model(tmp_path / "sft", tmp_path)

@@ -14,7 +14,7 @@ from agent_dpo.errors import AgentDpoError
 # where `run(args) -> int`. Heavy imports (torch, transformers) stay inside `run`.
 VERB_MODULES = (
     "demo", "serve", "bus", "ingest", "status", "tools", "pairs",
-    "train", "worker", "eval", "registry", "bench",
+    "train", "worker", "eval", "sample", "registry", "bench",
 )
 
 

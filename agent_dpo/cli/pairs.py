@@ -13,7 +13,7 @@ from agent_dpo.split import DEFAULT_TEST_FRACTION
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from agent_dpo.export import FORMATS, SPLITS
-    from agent_dpo.pairing import CSAT_POLICIES
+    from agent_dpo.pairing import CSAT_POLICIES, KTO_SIGNALS, PAIR_SIGNALS
 
     p = subparsers.add_parser(
         "pairs", help="export DPO pairs / KTO examples of one agent",
@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "from calls that share a context but answered differently")
     p.add_argument("--csat-margin", type=_fraction, default=0.4,
                    help="shared-prefix: least CSAT gap, as a share of the scale (default 0.4)")
+    p.add_argument("--signal", action="append", default=[], choices=PAIR_SIGNALS + KTO_SIGNALS,
+                   help="only examples of this signal; "
+                        "repeatable; adds up with --rater: an example is kept when either matches")
+    p.add_argument("--rater", action="append", default=[], metavar="RATER",
+                   help="only examples labelled by this rater (as the feedback event names it), e.g. one "
+                        "side-by-side campaign; repeatable")
     p.add_argument("--labelled-by", metavar="WHO",
                    help="who labelled the data, recorded in the meta (default: the raters seen in the events)")
     add_store_option(p)
@@ -81,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         summary = export_dataset(store, tenant, agent, args.fmt, args.out, split=args.split,
                                  redact=not args.no_redact, length_balance=args.length_balance,
                                  include_pairs=args.include_pairs, test_fraction=args.test_fraction,
-                                 config=config, labelled_by=args.labelled_by)
+                                 config=config, labelled_by=args.labelled_by,
+                                 signals=set(args.signal), raters=set(args.rater))
     meta = summary.meta
     out = sys.stdout
     print(f"wrote {summary.rows} rows ({summary.format}, split {summary.split}, "
