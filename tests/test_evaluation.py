@@ -260,3 +260,33 @@ def test_sample_cli_writes_candidates_of_the_sft_stage(trained, tmp_path):
                           "--data", str(held_out), "--out", str(out), "--store", str(store)],
                          check=False, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "meta.call_id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_next_round_trains_from_a_versions_sft_stage(trained, tmp_path):
+    """`train --base-model RUN/sft --base-is-sft`: the SFT adapter is merged into its base and is the
+    declared SFT'd base (no second SFT); eval's `--baseline sft` is then that merged model."""
+    result, store, held_out = trained
+    sft = result["sft_artifact_dir"]
+    data = write_jsonl(tmp_path / "round2.jsonl", pair_rows(4))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent_dpo.cli", "--log-format", "json", "train", "--agent", "acme/salon",
+         "--data", str(data), "--base-model", sft, "--base-is-sft", "--max-steps", "1", "--batch-size", "2",
+         "--version", "v2", "--store", str(store), "--json"],
+        check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    round2 = json.loads(proc.stdout)
+    assert round2["base_model"] == sft and not round2.get("sft_artifact_dir")
+    assert list((store / "models" / "merged").glob("*/model.safetensors"))
+    report = subprocess.run(
+        [sys.executable, "-m", "agent_dpo.cli", "eval", "--agent", "acme/salon", "--version", "v2", "--baseline",
+         "sft", "--judge", "none", "--data", str(held_out), "--max-new-tokens", "4", "--store", str(store), "--json"],
+        check=False, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert json.loads(report.stdout)["version"] == "v2"
+    # the baseline given as the SFT adapter's absolute path (a folder, although it sits under runs/)
+    by_path = subprocess.run(
+        [sys.executable, "-m", "agent_dpo.cli", "eval", "--agent", "acme/salon", "--version", "v2", "--baseline",
+         str(Path(sft).resolve()), "--judge", "none", "--data", str(held_out), "--max-new-tokens", "4",
+         "--store", str(store), "--json"], check=False, capture_output=True, text=True, timeout=600)
+    assert by_path.returncode == 0, by_path.stderr[-2000:]
+    assert json.loads(by_path.stdout)["baseline"] == Path(sft).name

@@ -102,7 +102,8 @@ def runs_dir(store: Path, tenant: str, agent: str) -> Path:
 
 def resolve_version(store: Path, tenant: str, agent: str, name: str | None) -> dict[str, Any]:
     """{"version", "base_model", "adapter_dir", "sft_dir", "beta", "run_dir"} for a run or a folder."""
-    if name and Path(name).is_dir() and not (runs_dir(store, tenant, agent) / name).is_dir():
+    # A folder path (anything with a separator: an absolute path joins to itself) is a folder, not a run name.
+    if name and Path(name).is_dir() and (Path(name).name != name or not (runs_dir(store, tenant, agent) / name).is_dir()):
         return _from_folder(Path(name))
     if name is None:
         results = sorted(runs_dir(store, tenant, agent).glob("*/result.json"), key=lambda p: p.stat().st_mtime)
