@@ -250,19 +250,19 @@ def _shared_prefix_batch(model: Any, rows: list[list[int]], pad_id: int, device:
     if p < SHARED_PREFIX_MIN or len(rows) * samples < 2:
         return None
     one = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, logits_to_keep=1,
-          **cache_kwargs(model, one))
-    cache = repeat_cache(one, len(rows), model.config)
     width = max(len(r) - p for r in rows)
     ids = torch.tensor([r[:p] + [pad_id] * (width - (len(r) - p)) + r[p:] for r in rows], device=device)
     mask = torch.tensor([[1] * p + [0] * (width - (len(r) - p)) + [1] * (len(r) - p) for r in rows], device=device)
-    if samples > 1:
-        if width > 1:  # every row ends in a real token; everything before it is cached here, once per row
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1], position_ids=positions[:, p:-1],
-                  use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        cache = interleave_cache(cache, samples, model.config)
-        ids, mask = ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
+    with torch.no_grad():
+        model(input_ids=ids[:1, :p], use_cache=True, logits_to_keep=1, **cache_kwargs(model, one))
+        cache = repeat_cache(one, len(rows), model.config)
+        if samples > 1:
+            if width > 1:  # every row ends in a real token; everything before it is cached here, once per row
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                model(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1], position_ids=positions[:, p:-1],
+                      use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            cache = interleave_cache(cache, samples, model.config)
+            ids, mask = ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
     return {"input_ids": ids, "attention_mask": mask, **cache_kwargs(model, cache)}
 
 

@@ -36,7 +36,9 @@ def side_by_side_events(tenant_id: str, agent_id: str, records: Iterable[dict[st
         meta = record["meta"]
         call_id = meta["call_id"]
         envelopes.append({
-            "schema": SCHEMA_V1, "event_id": f"{call_id}-sbs{seed}-t{meta['turn']}", "type": "feedback.preference",
+            # one id per campaign (version, seed) and turn: a re-sent pick is deduplicated, a new campaign is not
+            "schema": SCHEMA_V1, "event_id": f"{call_id}-sbs-{record.get('version', 'v')}-{seed}-t{meta['turn']}",
+            "type": "feedback.preference",
             "tenant_id": tenant_id, "agent_id": agent_id, "call_id": call_id, "ts": ts,
             "data": {"turn": meta["turn"], "chosen": candidates[best], "rejected": candidates[worst],
                      "rater": rater, "reason": f"side-by-side of {record.get('version', 'a version')}'s answers"}})
