@@ -6,7 +6,6 @@ the SFT'd model no longer makes the mistakes its training transcripts corrected.
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,15 +72,12 @@ def sample_candidates(prompts: list[dict[str, Any]], policy: Any, store_dir: Pat
     candidate assistant Messages (parsed back from the tool-aware template)."""
     import torch
 
-    from agent_dpo.evaluation import EvalSettings, generate_answers, load_policy
+    from agent_dpo.evaluation import EvalSettings, _sample, generate_answers, load_policy
     from agent_dpo_adapters.hf_models import load_tokenizer
 
     if not prompts:
         raise AgentDpoError("no prompts to sample answers for")
-    picked = prompts
-    if settings.max_prompts is not None and len(prompts) > settings.max_prompts:
-        keep = sorted(random.Random(settings.seed).sample(range(len(prompts)), settings.max_prompts))
-        picked = [prompts[i] for i in keep]
+    picked = _sample(prompts, settings.max_prompts, settings.seed)
     log = get_logger(component="sample", version=policy.label)
     started = time.monotonic()
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
