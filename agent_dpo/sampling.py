@@ -50,14 +50,14 @@ class SampleSettings:
 def candidate_prompts(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The distinct (prompt, tools) of exported rows (trl-dpo or trl-kto), each with the call and turn it
     came from (`meta.call_id`, `meta.turn`), which a `feedback.preference` event must name."""
-    seen: set[str] = set()
+    seen: set[tuple[str, int]] = set()
     out = []
     for row in rows:
         meta = row.get("meta") or {}
         if "prompt" not in row or not meta.get("call_id") or not isinstance(meta.get("turn"), int):
             raise AgentDpoError("a row without prompt, meta.call_id and meta.turn cannot be sent for rating "
                                 "(export with `agent-dpo pairs`, which records them)")
-        key = json.dumps([meta["call_id"], meta["turn"]])
+        key = (meta["call_id"], meta["turn"])
         if key in seen:
             continue
         seen.add(key)
