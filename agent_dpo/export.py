@@ -4,7 +4,8 @@ it. `agent-dpo pairs`, training and the demo all come through `export_dataset`.
 
 On the way out, in this order: the split side is picked (train, test or all), messages are redacted
 (default), rows are rendered, identical rows are kept once (sha256 of the row's canonical JSON without
-`meta`), and with `length_balance` the length-bias tail is dropped (lengthbias.py). In `trl-kto`, an
+`meta`), `caps` keep at most N rows of a signal or rater (a seeded draw, dropped as `capped`), and with
+`length_balance` the length-bias tail is dropped (lengthbias.py). In `trl-kto`, an
 example whose prompt and completion appear with both labels (a greeting turn of a well-rated and of a
 badly rated call, say) drops as `conflicting_labels`.
 
@@ -24,7 +25,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,44 @@ def _drop_conflicting_labels(rows: list[_Row], drops: Counter) -> list[_Row]:
     return kept
 
 
+def parse_cap(text: str) -> tuple[str, int]:
+    """`signal:NAME=N` or `rater:NAME=N` -> ("signal:NAME", N); a ValueError says what is wrong."""
+    key, sep, count = text.rpartition("=")
+    kind, colon, name = key.partition(":")
+    if not sep or not colon or kind not in ("signal", "rater") or not name:
+        raise ValueError(f"cap {text!r} is not signal:NAME=N or rater:NAME=N")
+    try:
+        n = int(count)
+    except ValueError:
+        raise ValueError(f"cap {text!r}: {count!r} is not a whole number") from None
+    if n < 0:
+        raise ValueError(f"cap {text!r}: N must be 0 or more")
+    if kind == "signal" and name not in PAIR_SIGNALS + KTO_SIGNALS:
+        raise ValueError(f"cap {text!r}: unknown signal {name!r}; known: {', '.join(PAIR_SIGNALS + KTO_SIGNALS)}")
+    return key, n
+
+
+def _apply_caps(rows: list[_Row], caps: Mapping[str, int], seed: int, drops: Counter) -> list[_Row]:
+    """Keep at most N rows of each capped signal or rater, chosen by a seeded hash of the row (the same
+    rows for the same data and seed, whatever their order), in file order. A row matching two caps
+    counts against the first one given."""
+    if not caps:
+        return rows
+    groups: dict[str, list[int]] = {key: [] for key in caps}
+    for i, row in enumerate(rows):
+        for key in caps:
+            kind, _, name = key.partition(":")
+            if (row.signal if kind == "signal" else row.meta.get("rater")) == name:
+                groups[key].append(i)
+                break
+    dropped: set[int] = set()
+    for key, members in groups.items():
+        ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{rows[i].digest}".encode()).hexdigest())
+        dropped.update(ranked[caps[key]:])
+    drops["capped"] += len(dropped)
+    return [row for i, row in enumerate(rows) if i not in dropped]
+
+
 def _balance_pairs(pairs: list[Pair], keys: list[str], shape: _Shaper,
                    drops: Counter) -> tuple[list[Pair], LengthStats]:
     lengths = [(shape.length(p.chosen), shape.length(p.rejected)) for p in pairs]
@@ -229,10 +268,14 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
                  include_pairs: bool = False, test_fraction: float = DEFAULT_TEST_FRACTION,
                  config: PairingConfig = DEFAULT_CONFIG, labelled_by: Any = None,
                  store_event_range: tuple[int, int] | None = None,
-                 signals: Collection[str] = (), raters: Collection[str] = ()) -> ExportSummary:
+                 signals: Collection[str] = (), raters: Collection[str] = (),
+                 caps: Mapping[str, int] | None = None, cap_seed: int = 0) -> ExportSummary:
     """Build, select, redact, dedupe and write; the store-free core of `export_dataset`. With `signals`
     or `raters`, only examples whose signal is one of `signals` or whose rater is one of `raters` are
-    written (for example one side-by-side campaign's pairs plus every schema retry)."""
+    written (for example one side-by-side campaign's pairs plus every schema retry). `caps` maps
+    "signal:NAME" or "rater:NAME" to the most rows of that kind to keep (a mix weighted toward one
+    campaign); `cap_seed` picks which."""
+    caps = dict(caps or {})
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if split not in SPLITS:
@@ -264,6 +307,7 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
     if fmt in ("trl-dpo", "openai-dpo"):
         rows = _dedupe((_row(_pair_body(p, fmt, shape), _meta(p), p.signal, lengths=lens)
                         for p, lens in zip(pairs, pair_lengths)), drops)
+        rows = _apply_caps(rows, caps, cap_seed, drops)
         if length_balance:
             dropped = balance([r.lengths for r in rows], [r.digest for r in rows])
             drops["length_balance"] += len(dropped)
@@ -282,7 +326,7 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
                                            _meta(p, from_pair="chosen"), p.signal))
                 candidates.append(_kto_row(p.prompt, p.rejected, False, p.tools, shape,
                                            _meta(p, from_pair="rejected"), p.signal))
-        rows = _drop_conflicting_labels(_dedupe(candidates, drops), drops)
+        rows = _apply_caps(_drop_conflicting_labels(_dedupe(candidates, drops), drops), caps, cap_seed, drops)
         length_after = length_stats([(shape.length(p.chosen), shape.length(p.rejected)) for p in pairs]
                                     if include_pairs else [])
         labels = Counter(r.label for r in rows)
@@ -298,6 +342,8 @@ def export_calls(calls: Iterable[Call], tenant_id: str, agent_id: str, fmt: str,
                         include_pairs, weights, labelled_by, store_event_range)
     if signals or raters:
         meta["selected"] = {"signals": sorted(signals), "raters": sorted(raters)}
+    if caps:
+        meta["caps"] = {"max_rows": dict(caps), "seed": cap_seed}
     meta_path = out.with_name(out.name + ".meta.json")
     _atomic_write(meta_path, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
     return ExportSummary(out, meta_path, fmt, split, len(rows), counts,
@@ -308,14 +354,15 @@ def export_dataset(store: EventStore, tenant_id: str, agent_id: str, fmt: str, o
                    split: str = "train", redact: bool = True, length_balance: bool = False,
                    include_pairs: bool = False, test_fraction: float = DEFAULT_TEST_FRACTION,
                    config: PairingConfig = DEFAULT_CONFIG, labelled_by: Any = None,
-                   signals: Collection[str] = (), raters: Collection[str] = ()) -> ExportSummary:
+                   signals: Collection[str] = (), raters: Collection[str] = (),
+                   caps: Mapping[str, int] | None = None, cap_seed: int = 0) -> ExportSummary:
     """Export one agent's data from a store. Only that agent's calls are read; only complete calls
     give examples. Returns what was written and why the rest was left out."""
     return export_calls(store.calls(tenant_id, agent_id), tenant_id, agent_id, fmt, out, split=split,
                         redact=redact, length_balance=length_balance, include_pairs=include_pairs,
                         test_fraction=test_fraction, config=config, labelled_by=labelled_by,
                         store_event_range=store.event_range(tenant_id, agent_id),
-                        signals=signals, raters=raters)
+                        signals=signals, raters=raters, caps=caps, cap_seed=cap_seed)
 
 
 def _write(out: Path, rows: list[_Row]) -> str:

@@ -254,6 +254,31 @@ def test_trl_files_load_with_datasets_and_render_with_the_tool_template(store, t
         assert render(tokenizer, r["prompt"] + r["completion"], r["tools"]).count("<|im_start|>assistant") >= 1
 
 
+def test_caps_keep_a_seeded_subset_of_one_signal_or_rater_and_leave_the_rest(store, tmp_path):
+    full = rows_of(export_dataset(store, TENANT, AGENT, "trl-dpo", tmp_path / "all.jsonl", split="all").out)
+    by_signal = {sig: [r for r in full if r["meta"]["signal"] == sig] for sig in ("preference", "schema_retry")}
+    assert len(by_signal["preference"]) == 30 and len(by_signal["schema_retry"]) == 30
+
+    def capped(name: str, seed: int, caps: dict) -> list[dict]:
+        summary = export_dataset(store, TENANT, AGENT, "trl-dpo", tmp_path / name, split="all",
+                                 caps=caps, cap_seed=seed)
+        assert summary.drops["capped"] == len(full) - summary.rows
+        assert summary.meta["caps"] == {"max_rows": caps, "seed": seed}
+        return rows_of(summary.out)
+
+    a = capped("a.jsonl", 0, {"signal:preference": 7})
+    again = capped("again.jsonl", 0, {"signal:preference": 7})
+    other_seed = capped("b.jsonl", 1, {"signal:preference": 7})
+    prefs = [r for r in a if r["meta"]["signal"] == "preference"]
+    assert len(prefs) == 7 and all(r in by_signal["preference"] for r in prefs)
+    assert [r for r in a if r["meta"]["signal"] == "schema_retry"] == by_signal["schema_retry"]
+    assert a == again and a != other_seed
+    assert [r for r in a if r in full] == a  # file order kept
+
+    by_rater = capped("r.jsonl", 0, {"rater:toolcheck": 4, "rater:csm": 0})
+    assert len(by_rater) == 4 and {r["meta"]["rater"] for r in by_rater} == {"toolcheck"}
+
+
 def test_pairs_cli_prints_counts_and_drops(store, tmp_path, capsys):
     out = tmp_path / "cli.jsonl"
     code = main(["pairs", "--agent", f"{TENANT}/{AGENT}", "--format", "trl-kto", "--out", str(out),
@@ -268,6 +293,10 @@ def test_pairs_cli_prints_counts_and_drops(store, tmp_path, capsys):
     ["--format", "trl-dpo", "--include-pairs"],
     ["--format", "trl-dpo", "--csat-desirable", "2"],
     ["--format", "trl-dpo", "--csat-policy", "vibes"],
+    ["--format", "trl-dpo", "--cap", "preference=10"],
+    ["--format", "trl-dpo", "--cap", "signal:vibes=10"],
+    ["--format", "trl-dpo", "--cap", "rater:csm=-1"],
+    ["--format", "trl-dpo", "--cap", "rater:csm=1", "--cap", "rater:csm=2"],
 ])
 def test_pairs_cli_refuses_bad_options_with_exit_2(argv, store, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:

@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rater", action="append", default=[], metavar="RATER",
                    help="only examples labelled by this rater (as the feedback event names it), e.g. one "
                         "side-by-side campaign; repeatable")
+    p.add_argument("--cap", action="append", default=[], type=_cap, metavar="KIND:NAME=N",
+                   help="keep at most N rows of one signal (signal:correction=150) or rater "
+                        "(rater:csm=100), a seeded draw; repeatable. Weights a mix toward one campaign")
+    p.add_argument("--seed", type=int, default=0, help="which rows --cap keeps (default 0)")
     p.add_argument("--labelled-by", metavar="WHO",
                    help="who labelled the data, recorded in the meta (default: the raters seen in the events)")
     add_store_option(p)
@@ -61,6 +65,15 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
     return value
+
+
+def _cap(text: str) -> tuple[str, int]:
+    from agent_dpo.export import parse_cap
+
+    try:
+        return parse_cap(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                                  redact=not args.no_redact, length_balance=args.length_balance,
                                  include_pairs=args.include_pairs, test_fraction=args.test_fraction,
                                  config=config, labelled_by=args.labelled_by,
-                                 signals=set(args.signal), raters=set(args.rater))
+                                 signals=set(args.signal), raters=set(args.rater),
+                                 caps=_caps(args.cap), cap_seed=args.seed)
     meta = summary.meta
     out = sys.stdout
     print(f"wrote {summary.rows} rows ({summary.format}, split {summary.split}, "
@@ -108,6 +122,15 @@ def run(args: argparse.Namespace) -> int:
               f"completion mean chars {kto['completion_mean_chars']['desirable']} desirable / "
               f"{kto['completion_mean_chars']['undesirable']} undesirable", file=out)
     return 0
+
+
+def _caps(pairs: list[tuple[str, int]]) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for key, n in pairs:
+        if key in caps and caps[key] != n:
+            raise UsageError(f"--cap {key} given twice ({caps[key]} and {n})")
+        caps[key] = n
+    return caps
 
 
 def _table(head: str, unit: str, counts: dict[str, int], out) -> None:
