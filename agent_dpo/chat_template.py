@@ -100,6 +100,14 @@ def parse_assistant_output(text: str) -> dict:
     return {"role": "assistant", "content": content or None, "tool_calls": tool_calls}
 
 
+def cut_off_in_a_call(text: str) -> bool:
+    """True when generation stopped (no end token) inside a <tool_call> block: the last parsed call is then
+    unfinished because of the token limit, which says nothing about whether the model calls tools well."""
+    if any(end in text for end in _END_TOKENS):
+        return False
+    return text.rfind(TOOL_CALL_OPEN) > text.rfind(TOOL_CALL_CLOSE)
+
+
 def _parse_block(raw: str, index: int) -> dict:
     name, arguments = "", raw
     try:

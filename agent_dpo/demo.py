@@ -294,11 +294,15 @@ def _evaluate(run: _Run, data: _Data, good: _Trained, bad: _Trained) -> dict[str
         results[trained.version] = result
         figures.append(EvalFigures(trained.label, result["preference_accuracy"], result.get("win_rate"),
                                    tuple(result["win_rate_ci"]) if result.get("win_rate_ci") else None,
-                                   result.get("tool_call_validity"), result["n"]))
+                                   result.get("tool_call_validity"), result["n"],
+                                   result.get("tool_calls_truncated", 0)))
         say(f"{trained.version} vs base: preference accuracy {result['preference_accuracy']:.3f}, "
             f"win rate {result.get('win_rate')} (95% CI {result.get('win_rate_ci')}), tool-call validity "
-            f"{result.get('tool_call_validity')} (base {result.get('baseline_tool_call_validity')})")
-    base_fig = EvalFigures("base", None, 0.5, None, results["v1"].get("baseline_tool_call_validity"), 0)
+            f"{result.get('tool_call_validity')} (base {result.get('baseline_tool_call_validity')}; calls cut off "
+            f"by the {s.max_new_tokens}-token limit: {result.get('tool_calls_truncated', 0)}, "
+            f"base {result.get('baseline_tool_calls_truncated', 0)})")
+    base_fig = EvalFigures("base", None, 0.5, None, results["v1"].get("baseline_tool_call_validity"), 0,
+                           results["v1"].get("baseline_tool_calls_truncated", 0))
     run.report.evals[f"{TUNED_AGENT[0]}/{TUNED_AGENT[1]}"] = [base_fig, *figures]
     v1 = results["v1"]
     run.report.summary.append(

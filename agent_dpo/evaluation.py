@@ -11,7 +11,9 @@ promotion gates read. Three measures on the agent's held-out split:
    cover, and resampling prompts keeps the interval honest about which prompts happened to be held out.
 3. Tool-call validity: the share of generated tool calls that pass their tool's JSON Schema
    (toolcheck.check_redacted_call: held-out prompts are redacted, so a `[PHONE]` copied into a call stands
-   for the removed number), candidate and baseline; null when a side made no tool call.
+   for the removed number), candidate and baseline; null when a side made no complete tool call. A call
+   that `max_new_tokens` cut off mid-way is counted apart (`tool_calls_truncated`), not as invalid: the
+   limit, not the model, ended it.
 
 A judge that labelled the data would grade its own homework, so one whose name matches the export's
 `labelled_by` is refused. Everything is seeded: the same data, models and seed give the same numbers."""
@@ -107,8 +109,12 @@ def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge
     preference_accuracy = sum(r > 0 for r in rewards) / len(rewards)
     log.info("preference_scored", pairs=len(pairs), accuracy=round(preference_accuracy, 4))
 
-    cand_answers = generate_answers(cand_model, tokenizer, prompts, settings, device, f"answers {candidate.label}")
-    base_answers = generate_answers(base_model, tokenizer, prompts, settings, device, f"answers {baseline.label}")
+    from agent_dpo.chat_template import cut_off_in_a_call, parse_assistant_output
+
+    cand_texts = generate_texts(cand_model, tokenizer, prompts, settings, device, f"answers {candidate.label}")
+    base_texts = generate_texts(base_model, tokenizer, prompts, settings, device, f"answers {baseline.label}")
+    cand_answers = [parse_assistant_output(t) for t in cand_texts]
+    base_answers = [parse_assistant_output(t) for t in base_texts]
     report: dict[str, Any] = {
         "version": candidate.label,
         "baseline": baseline.label,
@@ -117,7 +123,8 @@ def evaluate(rows: list[dict], candidate: Policy, baseline: Policy, judge: Judge
         "preference_margin_mean": round(sum(rewards) / len(rewards), 4),
         "n_prompts": len(prompts),
     }
-    report.update(tool_call_report(prompts, cand_answers, base_answers))
+    report.update(tool_call_report(prompts, cand_answers, base_answers,
+                                   [cut_off_in_a_call(t) for t in cand_texts], [cut_off_in_a_call(t) for t in base_texts]))
     if judge is not None:
         outcomes = judge_outcomes(judge, prompts, cand_answers, base_answers)
         report.update(win_report(outcomes, settings.seed))
@@ -181,8 +188,18 @@ def sequence_logps(model: Any, tokenizer: Any, pairs: list[dict], max_length: in
 def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: EvalSettings,
                      device: str, label: str = "answers", *, samples: int = 1,
                      temperature: float | None = None, top_p: float = 1.0) -> list[dict]:
-    """Answers parsed back to assistant Messages, with a progress bar: greedy, or sampled at `temperature`
-    with `samples` answers per prompt (prompt i's answers at i*samples ... i*samples+samples-1).
+    """`generate_texts`, each parsed back to an assistant Message (content and OpenAI tool_calls)."""
+    from agent_dpo.chat_template import parse_assistant_output
+
+    return [parse_assistant_output(text) for text in generate_texts(
+        model, tokenizer, prompts, settings, device, label, samples=samples, temperature=temperature, top_p=top_p)]
+
+
+def generate_texts(model: Any, tokenizer: Any, prompts: list[dict], settings: EvalSettings,
+                   device: str, label: str = "answers", *, samples: int = 1,
+                   temperature: float | None = None, top_p: float = 1.0) -> list[str]:
+    """The generated text of each answer (special tokens kept), with a progress bar: greedy, or sampled at
+    `temperature` with `samples` answers per prompt (prompt i's answers at i*samples ... i*samples+samples-1).
 
     Prompts run in batches of similar length (order restored after), so little of a batch is padding;
     a batch's shared prefix (system prompt and tools) and each prompt's own context are computed once,
@@ -190,7 +207,6 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
     import torch
     from tqdm.auto import tqdm
 
-    from agent_dpo.chat_template import parse_assistant_output
     from agent_dpo.training.recipes import template_messages
 
     window = None if settings.max_length is None else max(1, settings.max_length - settings.max_new_tokens)
@@ -201,7 +217,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
                                                  return_dict=True)["input_ids"])
         encoded.append(ids[-window:] if window else ids)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    answers: list[dict | None] = [None] * (len(prompts) * samples)
+    answers: list[str | None] = [None] * (len(prompts) * samples)
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature
                 else {"do_sample": False})
     per_batch = max(1, settings.batch_size // samples)
@@ -223,7 +239,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[dict], settings: 
                                            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
             for j, row in enumerate(generated[:, batch["input_ids"].shape[1]:]):
                 i, k = chunk[j // samples], j % samples
-                answers[i * samples + k] = parse_assistant_output(tokenizer.decode(row, skip_special_tokens=False))
+                answers[i * samples + k] = tokenizer.decode(row, skip_special_tokens=False)
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -323,25 +339,33 @@ def bootstrap_ci(outcomes: list[float], seed: int, resamples: int = BOOTSTRAP_RE
     return [round(means[int(0.025 * resamples)], 4), round(means[int(0.975 * resamples) - 1], 4)]
 
 
-def tool_call_report(prompts: list[dict], cand: list[dict], base: list[dict]) -> dict[str, Any]:
-    cand_ok, cand_n = _validity(prompts, cand)
-    base_ok, base_n = _validity(prompts, base)
+def tool_call_report(prompts: list[dict], cand: list[dict], base: list[dict],
+                     cand_cut: list[bool] | None = None, base_cut: list[bool] | None = None) -> dict[str, Any]:
+    """Validity of each side's complete tool calls; `*_cut[i]` says answer i ended inside a call at the
+    token limit, so its last call is counted as truncated instead."""
+    cand_ok, cand_n, cand_trunc = _validity(prompts, cand, cand_cut)
+    base_ok, base_n, base_trunc = _validity(prompts, base, base_cut)
     return {"tool_call_validity": round(cand_ok / cand_n, 4) if cand_n else None,
             "baseline_tool_call_validity": round(base_ok / base_n, 4) if base_n else None,
-            "tool_calls": cand_n, "baseline_tool_calls": base_n}
+            "tool_calls": cand_n, "baseline_tool_calls": base_n,
+            "tool_calls_truncated": cand_trunc, "baseline_tool_calls_truncated": base_trunc}
 
 
-def _validity(prompts: list[dict], answers: list[dict]) -> tuple[int, int]:
+def _validity(prompts: list[dict], answers: list[dict], cut: list[bool] | None) -> tuple[int, int, int]:
     from agent_dpo.toolcheck import check_redacted_call
 
-    ok = total = 0
-    for p, answer in zip(prompts, answers):
+    ok = total = truncated = 0
+    for i, (p, answer) in enumerate(zip(prompts, answers)):
         tools = _tool_list(p.get("tools")) or []
-        for call in answer.get("tool_calls") or []:
+        calls = list(answer.get("tool_calls") or [])
+        if cut is not None and cut[i] and calls:
+            calls.pop()
+            truncated += 1
+        for call in calls:
             fn = call.get("function", {})
             total += 1
             ok += bool(check_redacted_call(tools, fn.get("name", ""), fn.get("arguments", "")).ok)
-    return ok, total
+    return ok, total, truncated
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class EvalFigures:
     win_rate_ci: tuple[float, float] | None
     tool_call_validity: float | None
     n: int = 0
+    tool_calls_truncated: int = 0  # calls the generation limit cut off: not counted in tool_call_validity
 
 
 @dataclass
@@ -298,6 +299,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _validity_cell(validity: float | None, truncated: int) -> Any:
+    if not truncated:
+        return validity
+    return f"{'n/a' if validity is None else validity} ({truncated} cut off by the token limit)"
+
+
 def _html(report: RunReport, figures: list[tuple[str, str, str]]) -> str:
     parts = [(f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>"
               f"<style>{_CSS}</style></head><body>"),
@@ -310,7 +317,8 @@ def _html(report: RunReport, figures: list[tuple[str, str, str]]) -> str:
         parts.append(f"<h2>{html.escape(heading)}</h2><p class='caption'>{html.escape(caption)}</p>"
                      f"<img src='{name}' alt='{html.escape(heading)}'>")
     if report.evals:
-        rows = [[agent, e.label, e.n, e.preference_accuracy, e.win_rate, e.win_rate_ci, e.tool_call_validity]
+        rows = [[agent, e.label, e.n, e.preference_accuracy, e.win_rate, e.win_rate_ci,
+                 _validity_cell(e.tool_call_validity, e.tool_calls_truncated)]
                 for agent, evals in report.evals.items() for e in evals]
         parts.append("<h2>Evaluation figures</h2>" + _table(
             ["agent", "model", "n", "preference accuracy", "win rate", "95% interval", "tool-call validity"], rows))

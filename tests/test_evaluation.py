@@ -156,6 +156,24 @@ def test_tool_call_validity_counts_schema_passes():
     assert report["baseline_tool_call_validity"] is None and report["baseline_tool_calls"] == 0
 
 
+def test_a_call_cut_off_by_the_token_limit_is_counted_apart_not_as_invalid():
+    from agent_dpo.chat_template import cut_off_in_a_call, parse_assistant_output
+
+    prompts = [{"prompt": [], "tools": TOOLS}] * 3
+    texts = ['<tool_call>\n{"name": "book", "arguments": {"day": "Monday"}}\n</tool_call><|im_end|>',
+             'One moment.\n<tool_call>\n{"name": "book", "arguments": {"da',  # the limit struck mid-call
+             '<tool_call>\n{"name": "book", "arguments": {"da</tool_call><|im_end|>']  # the model broke it
+    assert [cut_off_in_a_call(t) for t in texts] == [False, True, False]
+    assert not cut_off_in_a_call("Let me check that for you, one")  # cut off, but not inside a call
+    answers = [parse_assistant_output(t) for t in texts]
+    assert all(len(a["tool_calls"]) == 1 for a in answers)
+    report = tool_call_report(prompts, answers, answers, [cut_off_in_a_call(t) for t in texts], None)
+    assert (report["tool_calls"], report["tool_calls_truncated"], report["tool_call_validity"]) == (2, 1, 0.5)
+    # Without knowing where generation stopped, the cut call can only count as an invalid one.
+    assert (report["baseline_tool_calls"], report["baseline_tool_calls_truncated"]) == (3, 0)
+    assert report["baseline_tool_call_validity"] == pytest.approx(1 / 3, abs=1e-3)
+
+
 def test_shared_prefix_generation_gives_the_same_answers(trained, tiny_model_dir, monkeypatch):
     """Generation computes the agent's shared system prompt and tools once per batch; the answers are
     exactly those of a plain left-padded batch."""

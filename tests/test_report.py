@@ -19,7 +19,7 @@ def sample_report(tmp_path: Path) -> RunReport:
                              {"invalid_chosen_tool_call": 2}, dead_letters=1)],
         tool_failures={"acme/salon": {"book_slot": (30, 3)}},
         training_metrics={"v1": metrics},
-        evals={"acme/salon": [EvalFigures("base", 0.5, 0.5, (0.4, 0.6), 0.9, 50),
+        evals={"acme/salon": [EvalFigures("base", 0.5, 0.5, (0.4, 0.6), None, 50, tool_calls_truncated=4),
                               EvalFigures("v1", 0.92, 0.8, (0.7, 0.88), 0.95, 50)]},
         arms=[ArmPoint(1.0, "v0", "champion", 10, 0.7, 0.2), ArmPoint(2.0, "v1", "challenger", 5, 0.8, 0.1)],
         timeline=[TimelineEntry(1.0, "acme/salon", "canary_start", "v1"),
@@ -37,6 +37,8 @@ def test_report_writes_every_chart_and_references_only_local_files(tmp_path):
         assert (index.parent / name).stat().st_size > 5000, name
     assert "http://" not in page and "https://" not in page  # offline: no CDN
     assert json.loads((index.parent / "report.json").read_text())["title"] == "agent-dpo run"
+    # A side whose every call hit the token limit reads as such, not as 0% valid.
+    assert "n/a (4 cut off by the token limit)" in page
 
 
 def test_report_without_figures_still_renders_a_page(tmp_path):

@@ -87,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
         if report["win_rate"] is not None:
             print(f"win rate {report['win_rate']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
                   f"({report['wins']} wins, {report['ties']} ties, {report['losses']} losses; judge {report['judge']})")
-        print(f"tool-call validity {_share(report['tool_call_validity'])} "
-              f"(baseline {_share(report['baseline_tool_call_validity'])})")
+        print(f"tool-call validity {_share(report['tool_call_validity'], report.get('tool_calls_truncated'))} "
+              f"(baseline {_share(report['baseline_tool_call_validity'], report.get('baseline_tool_calls_truncated'))})")
     return 0
 
 
-def _share(value: float | None) -> str:
-    return "n/a (no tool calls)" if value is None else f"{value:.3f}"
+def _share(value: float | None, truncated: int | None = 0) -> str:
+    text = "n/a (no complete tool calls)" if value is None else f"{value:.3f}"
+    return text + (f"; {truncated} cut off by --max-new-tokens" if truncated else "")
 
 
 def runs_dir(store: Path, tenant: str, agent: str) -> Path:
