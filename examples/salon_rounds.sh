@@ -4,6 +4,8 @@
 #
 #   bash examples/salon_rounds.sh            # the full recipe: about 2 h on 2 CPU cores
 #   QUICK=1 bash examples/salon_rounds.sh    # the same steps at toy sizes (minutes), to check the wiring
+#   MIX=1 bash examples/salon_rounds.sh      # also m1: one round from the SFT stage on the campaign, every
+#                                            # schema retry and a capped draw of historic pairs (about 1 h more)
 #
 # Every step is skipped when its output exists, so a stopped run resumes where it stopped. Outputs go under
 # $WORK (default .agent-dpo/rounds): the store with its runs, candidates, exports, and one eval JSON per version.
@@ -91,8 +93,24 @@ if [ ! -d "$STORE/runs/$AGENT/p2/adapter" ]; then
     "${COMMON[@]}" > "$WORK/p2.json"
 fi
 
+# 5b. (MIX=1) m1: the same two lessons in one round from the SFT stage, the mix weighted toward the campaign.
+VERSIONS=(p1 p2)
+if [ "${MIX:-0}" = 1 ]; then
+  VERSIONS+=(m1)
+  if [ ! -d "$STORE/runs/$AGENT/m1/adapter" ]; then
+    "$BIN/agent-dpo" pairs --agent $AGENT --format trl-dpo --split train --cap rater:csm=120 \
+      --cap rater:qa-reviewer=30 --labelled-by simulator-rubric --out "$WORK/mix.trl-dpo.jsonl" --store "$STORE"
+    rows=$(wc -l < "$WORK/mix.trl-dpo.jsonl")
+    steps=$([ "$P1_STEPS" = auto ] && echo $(( (rows + 7) / 8 )) || echo "$P1_STEPS")
+    step "m1: $rows pairs, $steps steps"
+    timed m1 "$BIN/agent-dpo" train --agent $AGENT --data "$WORK/mix.trl-dpo.jsonl" --version m1 \
+      --base-model "$STORE/runs/$AGENT/g1/sft" --base-is-sft --max-steps "$steps" --learning-rate 2e-4 \
+      "${COMMON[@]}" > "$WORK/m1.json"
+  fi
+fi
+
 # 6. Each version against the SFT stage on the held-out split: preference accuracy, rubric win rate, validity.
-for v in p1 p2; do
+for v in "${VERSIONS[@]}"; do
   [ -f "$WORK/$v.eval.json" ] && continue
   step "eval $v"
   timed "eval_$v" "$BIN/agent-dpo" eval --agent $AGENT --version $v --baseline "$(cd "$STORE" && pwd)/runs/$AGENT/g1/sft" \
@@ -100,12 +118,12 @@ for v in p1 p2; do
   mv "$WORK/$v.eval.json.part" "$WORK/$v.eval.json"
 done
 
-"$BIN/python" - "$WORK" <<'EOF'
+"$BIN/python" - "$WORK" "${VERSIONS[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])
 print(f"{'version':8} {'pref_acc':>8} {'win_rate':>8} {'95% CI':>15} {'W/T/L':>9} {'validity':>17}")
-for v in ("p1", "p2"):
+for v in sys.argv[2:]:
     r = json.loads((work / f"{v}.eval.json").read_text())
     ci = "[{:.3f}, {:.3f}]".format(*r["win_rate_ci"])
     wtl = f"{r['wins']}/{r['ties']}/{r['losses']}"
