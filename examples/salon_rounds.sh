@@ -19,10 +19,10 @@ DATA=$DEMO/data/acme-salons--salon-rebook
 STORE=$WORK/store
 
 if [ "${QUICK:-0}" = 1 ]; then
-  SFT_STEPS=1; PROMPTS=4; SAMPLES=2; NEW_TOKENS=24; P1_STEPS=1; P2_STEPS=1
+  SFT_STEPS=1; PROMPTS=4; SAMPLES=2; NEW_TOKENS=24; ROUND_STEPS=1; P2_STEPS=1
   EVAL=(--max-prompts 2 --max-pairs 4 --max-new-tokens 24)
 else
-  SFT_STEPS=72; PROMPTS=360; SAMPLES=3; NEW_TOKENS=176; P1_STEPS=auto; P2_STEPS=16
+  SFT_STEPS=72; PROMPTS=360; SAMPLES=3; NEW_TOKENS=176; ROUND_STEPS=epoch; P2_STEPS=16
   EVAL=()
 fi
 COMMON=(--batch-size 8 --sft-weight 1.0 --precision bf16 --max-length 4096 --store "$STORE" --json)
@@ -71,49 +71,38 @@ if [ ! -f "$WORK/ingested" ]; then
   touch "$WORK/ingested"
 fi
 
-# 4. Round 1 (p1): DPO from the SFT stage on the campaign's pairs and every schema retry, one epoch.
-if [ ! -d "$STORE/runs/$AGENT/p1/adapter" ]; then
-  "$BIN/agent-dpo" pairs --agent $AGENT --format trl-dpo --split train --rater sbs-panel --signal schema_retry \
-    --labelled-by simulator-rubric --out "$WORK/onpolicy.trl-dpo.jsonl" --store "$STORE"
-  rows=$(wc -l < "$WORK/onpolicy.trl-dpo.jsonl")
-  steps=$([ "$P1_STEPS" = auto ] && echo $(( (rows + 7) / 8 )) || echo "$P1_STEPS")
-  step "p1: $rows pairs, $steps steps"
-  timed p1 "$BIN/agent-dpo" train --agent $AGENT --data "$WORK/onpolicy.trl-dpo.jsonl" --version p1 \
-    --base-model "$STORE/runs/$AGENT/g1/sft" --base-is-sft --max-steps "$steps" --learning-rate 2e-4 \
-    "${COMMON[@]}" > "$WORK/p1.json"
-fi
-
-# 5. Round 2 (p2): a short, gentler pass from p1 over every pair the store holds (historic and campaign).
-if [ ! -d "$STORE/runs/$AGENT/p2/adapter" ]; then
+# One DPO round: VERSION (skipped when its adapter exists) trains from BASE (an SFT'd or tuned adapter folder)
+# on the pairs `agent-dpo pairs PAIRS_ARGS...` exports; STEPS "epoch" means one pass over those pairs.
+dpo_round() {
+  local version=$1 base=$2 steps=$3 lr=$4; shift 4
+  [ -d "$STORE/runs/$AGENT/$version/adapter" ] && return 0
+  local data="$WORK/$version.trl-dpo.jsonl"
   "$BIN/agent-dpo" pairs --agent $AGENT --format trl-dpo --split train --labelled-by simulator-rubric \
-    --out "$WORK/all.trl-dpo.jsonl" --store "$STORE"
-  step "p2: $P2_STEPS steps from p1"
-  timed p2 "$BIN/agent-dpo" train --agent $AGENT --data "$WORK/all.trl-dpo.jsonl" --version p2 \
-    --base-model "$STORE/runs/$AGENT/p1/adapter" --base-is-sft --max-steps "$P2_STEPS" --learning-rate 1e-4 \
-    "${COMMON[@]}" > "$WORK/p2.json"
-fi
+    --out "$data" --store "$STORE" "$@"
+  local rows; rows=$(wc -l < "$data")
+  [ "$steps" = epoch ] && steps=$(( (rows + 7) / 8 ))
+  step "$version: $steps steps on $rows pairs from $(basename "$(dirname "$base")")"
+  timed "$version" "$BIN/agent-dpo" train --agent $AGENT --data "$data" --version "$version" \
+    --base-model "$base" --base-is-sft --max-steps "$steps" --learning-rate "$lr" "${COMMON[@]}" > "$WORK/$version.json"
+}
+RUNS=$STORE/runs/$AGENT
 
-# 5b. (MIX=1) m1: the same two lessons in one round from the SFT stage, the mix weighted toward the campaign.
+# 4. Round 1 (p1): DPO from the SFT stage on the campaign's pairs and every schema retry.
+dpo_round p1 "$RUNS/g1/sft" "$ROUND_STEPS" 2e-4 --rater sbs-panel --signal schema_retry
+# 5. Round 2 (p2): a short, gentler pass from p1 over every pair the store holds (historic and campaign).
+dpo_round p2 "$RUNS/p1/adapter" "$P2_STEPS" 1e-4
 VERSIONS=(p1 p2)
+# 5b. (MIX=1) m1: the same two lessons in one round from the SFT stage, the mix weighted toward the campaign.
 if [ "${MIX:-0}" = 1 ]; then
+  dpo_round m1 "$RUNS/g1/sft" "$ROUND_STEPS" 2e-4 --cap rater:csm=120 --cap rater:qa-reviewer=30
   VERSIONS+=(m1)
-  if [ ! -d "$STORE/runs/$AGENT/m1/adapter" ]; then
-    "$BIN/agent-dpo" pairs --agent $AGENT --format trl-dpo --split train --cap rater:csm=120 \
-      --cap rater:qa-reviewer=30 --labelled-by simulator-rubric --out "$WORK/mix.trl-dpo.jsonl" --store "$STORE"
-    rows=$(wc -l < "$WORK/mix.trl-dpo.jsonl")
-    steps=$([ "$P1_STEPS" = auto ] && echo $(( (rows + 7) / 8 )) || echo "$P1_STEPS")
-    step "m1: $rows pairs, $steps steps"
-    timed m1 "$BIN/agent-dpo" train --agent $AGENT --data "$WORK/mix.trl-dpo.jsonl" --version m1 \
-      --base-model "$STORE/runs/$AGENT/g1/sft" --base-is-sft --max-steps "$steps" --learning-rate 2e-4 \
-      "${COMMON[@]}" > "$WORK/m1.json"
-  fi
 fi
 
 # 6. Each version against the SFT stage on the held-out split: preference accuracy, rubric win rate, validity.
 for v in "${VERSIONS[@]}"; do
   [ -f "$WORK/$v.eval.json" ] && continue
   step "eval $v"
-  timed "eval_$v" "$BIN/agent-dpo" eval --agent $AGENT --version $v --baseline "$(cd "$STORE" && pwd)/runs/$AGENT/g1/sft" \
+  timed "eval_$v" "$BIN/agent-dpo" eval --agent $AGENT --version $v --baseline "$(cd "$RUNS" && pwd)/g1/sft" \
     --judge rubric --data "$DATA.test.trl-dpo.jsonl" --store "$STORE" "${EVAL[@]}" --json > "$WORK/$v.eval.json.part"
   mv "$WORK/$v.eval.json.part" "$WORK/$v.eval.json"
 done
