@@ -29,6 +29,7 @@ from agent_dpo.registry import (
 
 REGISTRY_BUCKET = "agentdpo-registry"
 REGISTRY_HISTORY = 64  # NATS caps KV history at 64; the brief asks for at least 32 audit entries
+HISTORY_ATTEMPTS = 3  # reads of a rollout's history before "none" is believed (see NatsRegistry.history)
 log = get_logger(component="registry")
 
 
@@ -162,10 +163,16 @@ class NatsRegistry:
 
     async def history(self, tenant_id: str, agent_id: str) -> list[HistoryEntry]:
         """Every kept revision of the agent's rollout document, oldest first."""
-        try:
-            entries = await self.kv.history(rollout_key(tenant_id, agent_id))
-        except nats.js.errors.NoKeysError:
-            return []
+        # nats-py's history can report "no keys" when the watcher's first messages are already on their way
+        # but not yet counted (its start marker then comes first); a key with history answers on a retry.
+        for attempt in range(HISTORY_ATTEMPTS):
+            try:
+                entries = await self.kv.history(rollout_key(tenant_id, agent_id))
+                break
+            except nats.js.errors.NoKeysError:
+                if attempt == HISTORY_ATTEMPTS - 1:
+                    return []
+                await asyncio.sleep(0.05 * (attempt + 1))
         out = []
         for e in entries:
             doc = None if e.operation in (KV_DEL, KV_PURGE) else RolloutDoc.model_validate_json(e.value)
