@@ -302,7 +302,7 @@ def _fmt(value: Any) -> str:
 def _validity_cell(validity: float | None, truncated: int) -> Any:
     if not truncated:
         return validity
-    return f"{'n/a' if validity is None else validity} ({truncated} cut off by the token limit)"
+    return f"{'n/a' if validity is None else _fmt(validity)} ({truncated} cut off by the token limit)"
 
 
 def _html(report: RunReport, figures: list[tuple[str, str, str]]) -> str:
